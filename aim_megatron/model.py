@@ -1,0 +1,352 @@
+"""AIM v1 (El-Nouby et al. 2024) on megatron-core.
+
+    images [b, C, H, W] --patch embed + LN + 2D sin-cos--> [s, b, D]      (pre_process stage)
+        --> TransformerBlock (prefix-causal self-attention, GELU MLP)       (every stage)
+        --> post-trunk LN --> prediction head (residual MLPs)               (post_process stage)
+        --> per-patch normalized-pixel MSE against the *next* patch
+
+Hidden states use megatron's [sequence, batch, hidden] layout. The trunk and the head are built
+from layer specs: ``layer_spec(backend)`` picks Transformer Engine modules or megatron-core's
+local ones, and ``select_backend`` is the single place that decides which.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from .config import Config, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- backend selection
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _  # noqa: F401
+    except Exception:  # TE missing or built against another CUDA/torch
+        return False
+    return True
+
+
+def select_backend(requested: str = "auto") -> str:
+    """'te' when Transformer Engine imports and a GPU is present, else 'local'."""
+    if requested == "local":
+        return "local"
+    available = transformer_engine_available()
+    if requested == "te" and not available:
+        raise RuntimeError(
+            "model.backend='te' needs Transformer Engine and a CUDA GPU; install "
+            "transformer-engine[pytorch] on a GPU machine or set model.backend=auto/local")
+    backend = "te" if available else "local"
+    if requested == "auto":
+        log.info("layer backend: %s (%s)", backend,
+                 "Transformer Engine" if backend == "te" else "megatron-core local layers")
+    return backend
+
+
+class AimLayerNorm(torch.nn.LayerNorm):
+    """torch LayerNorm that tells megatron-core to all-reduce its grads under sequence parallel."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, device=_init_device(config), dtype=config.params_dtype)
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+
+
+def _init_device(config: TransformerConfig):
+    return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+
+
+def layer_spec(backend: str, with_attention: bool = True) -> ModuleSpec:
+    """A pre-norm transformer layer. Without attention it is the head's residual MLP block."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention, TELayerNormColumnParallelLinear, TERowParallelLinear)
+        norm, qkv, core, proj = IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear
+        fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear  # LN fused into fc1/qkv
+    else:
+        norm, qkv, core, proj = AimLayerNorm, ColumnParallelLinear, DotProductAttention, RowParallelLinear
+        fc1, fc2 = ColumnParallelLinear, RowParallelLinear
+    attention = IdentityOp
+    if with_attention:
+        attention = ModuleSpec(
+            module=SelfAttention,
+            params={"attn_mask_type": AttnMaskType.arbitrary},  # prefix-causal, per sample
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=qkv, core_attention=core, linear_proj=proj,
+                q_layernorm=IdentityOp, k_layernorm=IdentityOp))
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm if with_attention else IdentityOp,
+            self_attention=attention,
+            self_attn_bda=get_bias_dropout_add if with_attention else IdentityFuncOp,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp_bda=get_bias_dropout_add))
+
+
+# --------------------------------------------------------------------------- configs
+
+def transformer_configs(cfg: Config) -> tuple[TransformerConfig, TransformerConfig]:
+    """megatron-core configs for the trunk and for the prediction head."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if t.params_dtype == "bf16" else torch.float32
+    common = dict(
+        tensor_model_parallel_size=p.tp,
+        sequence_parallel=p.sequence_parallel,
+        add_bias_linear=False,            # AIM: no biases in qkv/proj/fc1/fc2
+        gated_linear_unit=False,
+        activation_func=F.gelu,           # exact GELU
+        normalization="LayerNorm",
+        layernorm_epsilon=m.layernorm_eps,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_std,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        attention_softmax_in_fp32=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        calculate_per_token_loss=True,    # loss = mean over all non-prefix patches of the global batch
+        batch_p2p_comm=p.batch_p2p_comm,
+        recompute_granularity=p.recompute_granularity,
+        recompute_method=p.recompute_method if p.recompute_granularity == "full" else None,
+        recompute_num_layers=p.recompute_num_layers if p.recompute_granularity == "full" else None,
+    )
+    if p.recompute_granularity == "selective":
+        common["recompute_modules"] = ["core_attn"]
+    trunk = TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_heads,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.hidden_size // m.num_heads,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vp,
+        num_layers_in_last_pipeline_stage=p.trunk_layers_in_last_stage,
+        num_layers_in_first_pipeline_stage=(
+            None if p.trunk_layers_in_last_stage is None or p.pp > 2
+            else m.num_layers - p.trunk_layers_in_last_stage),
+        **common,
+    )
+    # The head lives wholly on the last pipeline stage; its "attention" is the identity.
+    head_common = dict(common)
+    if p.recompute_granularity == "selective":  # nothing to recompute selectively in the head
+        head_common.update(recompute_granularity=None, recompute_modules=None)
+    head = TransformerConfig(
+        num_layers=m.head_num_layers,
+        hidden_size=m.head_hidden_size,
+        num_attention_heads=p.tp,
+        ffn_hidden_size=m.head_ffn_hidden_size,
+        pipeline_model_parallel_size=1,
+        **head_common,
+    )
+    return trunk, head
+
+
+# --------------------------------------------------------------------------- fixed positions
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """[len(positions), dim]: first half sin, second half cos, omega_i = 10000^(-i/(dim/2))."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = positions.double()[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """[grid*grid, dim] MAE-style 2D sin-cos in raster order: first dim/2 column, then row."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    return emb.float()
+
+
+# --------------------------------------------------------------------------- masks and loss
+
+def sample_prefix_lengths(batch: int, model: ModelConfig, generator: torch.Generator) -> torch.Tensor:
+    lo, hi = model.prefix_range
+    return torch.randint(lo, hi + 1, (batch,), generator=generator)
+
+
+def prefix_causal_mask(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[b, 1, s, s] bool, True = masked (megatron convention; the inverse of torch SDPA's).
+
+    Query q may attend key j if j < prefix_len (bidirectional prefix) or j <= q (causal).
+    """
+    idx = torch.arange(seq_len, device=prefix_len.device)
+    q, k = idx[:, None], idx[None, :]
+    allowed = (k[None] < prefix_len[:, None, None]) | (k <= q)[None]
+    return (~allowed).unsqueeze(1)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[b, C, H, W] -> [b, N, patch*patch*C] in raster order, values ordered (ph, pw, c)."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+def normalized_targets(images: torch.Tensor, patch: int, eps: float = 1e-6) -> torch.Tensor:
+    """Each patch normalized by its own mean and unbiased variance."""
+    t = patchify(images.float(), patch)
+    mean = t.mean(dim=-1, keepdim=True)
+    var = t.var(dim=-1, keepdim=True, unbiased=True)
+    return (t - mean) / (var + eps) ** 0.5
+
+
+def next_patch_errors(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[b, N-1]: MSE (over patch values) of the prediction at i against target patch i+1."""
+    return ((pred[:, :-1].float() - targets[:, 1:]) ** 2).mean(dim=-1)
+
+
+def loss_mask(prefix_len: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[b, N-1] float: 1 where the target patch i+1 is not in the prefix."""
+    target_idx = torch.arange(1, num_patches, device=prefix_len.device)
+    return (target_idx[None, :] >= prefix_len[:, None]).float()
+
+
+# --------------------------------------------------------------------------- modules
+
+class PatchEmbed(torch.nn.Module):
+    """Conv2d(C, D, p, stride p) then LayerNorm (official AIM v1 layout)."""
+
+    def __init__(self, m: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(m.in_channels, m.hidden_size, m.patch_size, m.patch_size,
+                                    device=device, dtype=dtype)
+        self.norm = torch.nn.LayerNorm(m.hidden_size, eps=m.layernorm_eps, device=device, dtype=dtype)
+        with torch.no_grad():  # init as a linear layer over flattened patches (MAE)
+            torch.nn.init.xavier_uniform_(self.proj.weight.view(m.hidden_size, -1))
+            torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.proj(images).flatten(2).transpose(1, 2)  # [b, N, D]
+        return self.norm(x)
+
+
+class PredictionHead(MegatronModule):
+    """Linear(D -> Dh) + fixed positions, residual MLP blocks, LN, Linear(Dh -> patch_dim).
+
+    The blocks are megatron TransformerLayers whose attention is the identity, so tensor and
+    sequence parallelism apply to them as to the trunk.
+    """
+
+    def __init__(self, m: ModelConfig, config: TransformerConfig, backend: str):
+        super().__init__(config=config)
+        dev, dtype = _init_device(config), config.params_dtype
+        self.in_proj = torch.nn.Linear(m.hidden_size, m.head_hidden_size, device=dev, dtype=dtype)
+        self.blocks = torch.nn.ModuleList(
+            build_module(layer_spec(backend, with_attention=False), config=config, layer_number=i + 1)
+            for i in range(m.head_num_layers))
+        self.norm = torch.nn.LayerNorm(m.head_hidden_size, eps=m.layernorm_eps, device=dev, dtype=dtype)
+        self.out_proj = torch.nn.Linear(m.head_hidden_size, m.patch_dim, device=dev, dtype=dtype)
+        self.register_buffer("pos", sincos_2d(m.head_hidden_size, m.grid_size).to(dev), persistent=False)
+        for lin in (self.in_proj, self.out_proj):
+            torch.nn.init.normal_(lin.weight, std=m.init_std)
+            torch.nn.init.zeros_(lin.bias)
+        # Replicated over TP but fed only this rank's sequence chunk under SP: sum grads over TP.
+        for module in (self.in_proj, self.norm, self.out_proj):
+            for p in module.parameters():
+                setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos
+        if self.config.sequence_parallel:
+            chunk = pos.shape[0] // parallel_state.get_tensor_model_parallel_world_size()
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            pos = pos[rank * chunk:(rank + 1) * chunk]
+        x = self.in_proj(x) + pos[:, None, :].to(x.dtype)
+        for block in self.blocks:
+            x, _ = block(x, attention_mask=None)
+        return self.out_proj(self.norm(x))
+
+
+class AIMModel(MegatronModule):
+    """One pipeline chunk of AIM. ``pre_process``/``post_process`` say whether this chunk holds
+    the patch embedding (first stage) and the post-trunk norm + head + loss (last stage)."""
+
+    def __init__(self, cfg: Config, trunk_config: TransformerConfig, head_config: TransformerConfig,
+                 backend: str, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: Optional[int] = None):
+        super().__init__(config=trunk_config)
+        self.model_type = ModelType.encoder_or_decoder
+        self.model_cfg = m = cfg.model
+        self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        dev, dtype = _init_device(trunk_config), trunk_config.params_dtype
+        if pre_process:
+            self.patch_embed = PatchEmbed(m, device=dev, dtype=dtype)
+            self.register_buffer("pos", sincos_2d(m.hidden_size, m.grid_size).to(dev), persistent=False)
+        self.trunk = TransformerBlock(trunk_config, spec=layer_spec(backend), post_layer_norm=False,
+                                      pre_process=pre_process, post_process=post_process,
+                                      vp_stage=vp_stage)
+        if post_process:
+            self.post_trunk_norm = torch.nn.LayerNorm(m.hidden_size, eps=m.layernorm_eps,
+                                                      device=dev, dtype=dtype)
+            for p in self.post_trunk_norm.parameters():
+                setattr(p, "sequence_parallel", trunk_config.sequence_parallel)
+            self.head = PredictionHead(m, head_config, backend)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by the pipeline schedule with the activations received from the previous stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.trunk.set_input_tensor(input_tensor)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images.to(self.patch_embed.proj.weight.dtype))
+        x = (x + self.pos.to(x.dtype)).transpose(0, 1).contiguous()  # [s, b, D]
+        if self.config.sequence_parallel:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        return x
+
+    def forward(self, images: Optional[torch.Tensor], prefix_len: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """Returns, on the last stage, per-target-patch errors [b, N-1] (``loss_mask`` selects the
+        ones that count); elsewhere the trunk activations for the next stage.
+        ``prefix_len=None`` runs full bidirectional attention (evaluation)."""
+        hidden = self.embed(images) if self.pre_process else None
+        mask = None if prefix_len is None else prefix_causal_mask(prefix_len, self.model_cfg.num_patches)
+        hidden = self.trunk(hidden, attention_mask=mask)
+        if not self.post_process:
+            return hidden
+        pred = self.head(self.post_trunk_norm(hidden))  # [s(/tp), b, patch_dim]
+        if self.config.sequence_parallel:
+            pred = tensor_parallel.gather_from_sequence_parallel_region(
+                pred, tensor_parallel_output_grad=False)
+        pred = pred.transpose(0, 1)  # [b, N, patch_dim]
+        return next_patch_errors(pred, normalized_targets(images, self.model_cfg.patch_size))
+
+
+def build_model_chunk(cfg: Config, backend: str, vp_stage: Optional[int] = None) -> AIMModel:
+    """The chunk of AIM this rank holds for virtual stage ``vp_stage`` (None without VP)."""
+    trunk_config, head_config = transformer_configs(cfg)
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return AIMModel(cfg, trunk_config, head_config, backend, pre, post, vp_stage)
