@@ -297,6 +297,7 @@ class AIMModel(MegatronModule):
                  vp_stage: Optional[int] = None):
         super().__init__(config=trunk_config)
         self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False  # nothing tied across stages in AIM
         self.model_cfg = m = cfg.model
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         dev, dtype = _init_device(trunk_config), trunk_config.params_dtype

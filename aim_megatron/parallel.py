@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from . import cpu_shims
-from .config import Config, num_microbatches, validate
+from .config import Config, ConfigError, num_microbatches, validate
 from .model import AIMModel, build_model_chunk, loss_mask, select_backend
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,10 @@ def initialize(cfg: Config, timeout_minutes: int = 30) -> int:
     world = dist.get_world_size()
     validate(cfg, world)
     p = cfg.parallel
+    if p.batch_p2p_comm and p.vp and dist.get_backend() == "gloo":
+        raise ConfigError(
+            "parallel.batch_p2p_comm=true with a virtual pipeline on gloo pairs p2p messages wrongly "
+            "(silently wrong gradients); set parallel.batch_p2p_comm=false on CPU/gloo")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -220,6 +224,13 @@ def split_microbatches(cfg: Config, global_batch: dict, world_size: int) -> list
 # --------------------------------------------------------------------------- full <-> sharded
 
 _LAYER_RE = re.compile(r"^trunk\.layers\.(\d+)\.")
+# Transformer Engine fuses the pre-norms into the next linear; full dicts use the local names.
+_TE_TO_LOCAL = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
 
 
 def _unwrap(chunk: torch.nn.Module) -> AIMModel:
@@ -237,6 +248,9 @@ def named_global_parameters(model: Iterable[torch.nn.Module]) -> Iterator[tuple[
             if match:
                 layer = chunk.trunk.layers[int(match.group(1))]
                 name = f"trunk.layers.{layer.layer_number - 1}." + name[match.end():]
+            for te_name, local_name in _TE_TO_LOCAL.items():
+                if name.endswith(te_name):
+                    name = name[: -len(te_name)] + local_name
             yield name, param
 
 

@@ -1,0 +1,218 @@
+"""AIM v1 in plain PyTorch, written from the architecture description (no megatron-core).
+
+It serves three purposes: the ground truth in equivalence tests, the baseline of the trunk
+benchmark, and the official-format side of checkpoint conversion. Parameter names follow the
+released AIM v1 state dict (``preprocessor.patchifier.*``, ``trunk.blocks.{i}.*``); qkv rows are
+all queries, then all keys, then all values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .model import next_patch_errors, normalized_targets, sincos_2d
+
+
+class Patchifier(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(m.in_channels, m.hidden_size, m.patch_size, m.patch_size)
+        self.norm = nn.LayerNorm(m.hidden_size, eps=m.layernorm_eps)
+
+    def forward(self, images):
+        return self.norm(self.proj(images).flatten(2).transpose(1, 2))
+
+
+class Preprocessor(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.patchifier = Patchifier(m)
+        self.register_buffer("pos_embed", sincos_2d(m.hidden_size, m.grid_size)[None], persistent=False)
+
+    def forward(self, images):
+        return self.patchifier(images) + self.pos_embed
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, allowed=None):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # allowed: True = attend
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(m.hidden_size, eps=m.layernorm_eps)
+        self.attn = Attention(m.hidden_size, m.num_heads)
+        self.norm_2 = nn.LayerNorm(m.hidden_size, eps=m.layernorm_eps)
+        self.mlp = Mlp(m.hidden_size, m.ffn_hidden_size)
+
+    def forward(self, x, allowed=None):
+        x = x + self.attn(self.norm_1(x), allowed)
+        return x + self.mlp(self.norm_2(x))
+
+
+class Trunk(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(m) for _ in range(m.num_layers))
+        self.post_trunk_norm = nn.LayerNorm(m.hidden_size, eps=m.layernorm_eps)
+
+    def forward(self, x, allowed=None, return_blocks=False):
+        outs = []
+        for blk in self.blocks:
+            x = blk(x, allowed)
+            outs.append(x)
+        x = self.post_trunk_norm(x)
+        return (x, outs) if return_blocks else x
+
+
+class HeadBlock(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(m.head_hidden_size, eps=m.layernorm_eps)
+        self.fc1 = nn.Linear(m.head_hidden_size, m.head_ffn_hidden_size, bias=False)
+        self.fc2 = nn.Linear(m.head_ffn_hidden_size, m.head_hidden_size, bias=False)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class PredictionHead(nn.Module):
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.in_proj = nn.Linear(m.hidden_size, m.head_hidden_size)
+        self.register_buffer("pos_embed", sincos_2d(m.head_hidden_size, m.grid_size)[None], persistent=False)
+        self.blocks = nn.ModuleList(HeadBlock(m) for _ in range(m.head_num_layers))
+        self.norm = nn.LayerNorm(m.head_hidden_size, eps=m.layernorm_eps)
+        self.out_proj = nn.Linear(m.head_hidden_size, m.patch_dim)
+
+    def forward(self, x):
+        x = self.in_proj(x) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.out_proj(self.norm(x))
+
+
+def prefix_causal_allowed(prefix_len: torch.Tensor, n: int) -> torch.Tensor:
+    """[b, 1, n, n] bool, True where query q may attend key k: k < prefix or k <= q."""
+    i = torch.arange(n)
+    return ((i[None, None, :] < prefix_len[:, None, None]) | (i[None, :] <= i[:, None])[None])[:, None]
+
+
+class ReferenceAIM(nn.Module):
+    """Plain-PyTorch AIM v1 with the pre-training head."""
+
+    def __init__(self, m: ModelConfig):
+        super().__init__()
+        self.cfg = m
+        self.preprocessor = Preprocessor(m)
+        self.trunk = Trunk(m)
+        self.head = PredictionHead(m)
+
+    def forward(self, images, prefix_len=None):
+        """Per-target-patch errors [b, N-1], as ``AIMModel.forward``."""
+        allowed = None if prefix_len is None else prefix_causal_allowed(prefix_len, self.cfg.num_patches)
+        x = self.trunk(self.preprocessor(images), allowed)
+        pred = self.head(x)
+        return next_patch_errors(pred, normalized_targets(images, self.cfg.patch_size))
+
+    def features(self, images):
+        """Bidirectional trunk: (post-norm tokens, raw outputs of every block)."""
+        return self.trunk(self.preprocessor(images), None, return_blocks=True)
+
+
+# --------------------------------------------------------------------------- name mapping
+
+def _qkv_megatron_to_official(w: torch.Tensor, heads: int) -> torch.Tensor:
+    # megatron packs rows per head: [h0: q k v][h1: q k v]...; official: [q all][k all][v all].
+    three_d, d = w.shape
+    return w.view(heads, 3, three_d // (3 * heads), d).transpose(0, 1).reshape(three_d, d)
+
+
+def _qkv_official_to_megatron(w: torch.Tensor, heads: int) -> torch.Tensor:
+    three_d, d = w.shape
+    return w.view(3, heads, three_d // (3 * heads), d).transpose(0, 1).reshape(three_d, d)
+
+
+def _name_pairs(m: ModelConfig) -> list[tuple[str, str]]:
+    """(megatron full name, reference name) for every parameter."""
+    pairs = [
+        ("patch_embed.proj.weight", "preprocessor.patchifier.proj.weight"),
+        ("patch_embed.proj.bias", "preprocessor.patchifier.proj.bias"),
+        ("patch_embed.norm.weight", "preprocessor.patchifier.norm.weight"),
+        ("patch_embed.norm.bias", "preprocessor.patchifier.norm.bias"),
+        ("post_trunk_norm.weight", "trunk.post_trunk_norm.weight"),
+        ("post_trunk_norm.bias", "trunk.post_trunk_norm.bias"),
+    ]
+    for i in range(m.num_layers):
+        a, b = f"trunk.layers.{i}.", f"trunk.blocks.{i}."
+        pairs += [
+            (a + "input_layernorm.weight", b + "norm_1.weight"),
+            (a + "input_layernorm.bias", b + "norm_1.bias"),
+            (a + "self_attention.linear_qkv.weight", b + "attn.qkv.weight"),
+            (a + "self_attention.linear_proj.weight", b + "attn.proj.weight"),
+            (a + "pre_mlp_layernorm.weight", b + "norm_2.weight"),
+            (a + "pre_mlp_layernorm.bias", b + "norm_2.bias"),
+            (a + "mlp.linear_fc1.weight", b + "mlp.fc1.weight"),
+            (a + "mlp.linear_fc2.weight", b + "mlp.fc2.weight"),
+        ]
+    for name in ("in_proj.weight", "in_proj.bias", "norm.weight", "norm.bias",
+                 "out_proj.weight", "out_proj.bias"):
+        pairs.append(("head." + name, "head." + name))
+    for i in range(m.head_num_layers):
+        a, b = f"head.blocks.{i}.", f"head.blocks.{i}."
+        pairs += [
+            (a + "pre_mlp_layernorm.weight", b + "norm.weight"),
+            (a + "pre_mlp_layernorm.bias", b + "norm.bias"),
+            (a + "mlp.linear_fc1.weight", b + "fc1.weight"),
+            (a + "mlp.linear_fc2.weight", b + "fc2.weight"),
+        ]
+    return pairs
+
+
+def megatron_to_reference(full: dict[str, torch.Tensor], m: ModelConfig, strict: bool = True
+                          ) -> dict[str, torch.Tensor]:
+    """Full megatron-layout dict (see ``parallel.gather_full_state_dict``) -> reference names."""
+    out = {}
+    for src, dst in _name_pairs(m):
+        if src not in full:
+            if strict:
+                raise KeyError(f"{src} missing from the megatron state dict")
+            continue
+        t = full[src]
+        out[dst] = _qkv_megatron_to_official(t, m.num_heads) if dst.endswith("attn.qkv.weight") else t
+    return out
+
+
+def reference_to_megatron(ref: dict[str, torch.Tensor], m: ModelConfig, strict: bool = True
+                          ) -> dict[str, torch.Tensor]:
+    out = {}
+    for dst, src in _name_pairs(m):
+        if src not in ref:
+            if strict:
+                raise KeyError(f"{src} missing from the reference state dict")
+            continue
+        t = ref[src]
+        out[dst] = _qkv_official_to_megatron(t, m.num_heads) if src.endswith("attn.qkv.weight") else t
+    return out
