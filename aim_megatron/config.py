@@ -3,7 +3,7 @@
     cfg = load_config("examples/configs/aim_tiny.yaml", ["model.num_layers=4", "parallel.tp=2"])
     cfg.validate(world_size=4)
 
-A YAML file has one mapping per section (``model``, ``parallel``, ``train``); ``model.preset``
+A YAML file has one mapping per section (``model``, ``parallel``, ``train``, ``data``); ``model.preset``
 fills in the architecture of a named preset and any field given beside it overrides the preset.
 Every invalid combination fails in ``validate`` with a message that names the fix.
 """
@@ -142,10 +142,36 @@ class TrainConfig:
 
 
 @dataclass
+class DataConfig:
+    # Training sources: WebDataset tar shards (a .tar file, a directory of them or a glob) or an
+    # image folder; "synthetic" gives seeded random images (tests, benchmarks).
+    train_sources: list[str] = field(default_factory=lambda: ["synthetic"])
+    train_weights: Optional[list[float]] = None   # mixing weights, e.g. [0.8, 0.2] (DFN + IN-1k)
+    val_sources: list[str] = field(default_factory=list)
+    loader: str = "auto"          # "auto" (DALI when installed), "dali" or "torch"
+    num_workers: int = 2
+    crop_scale_min: float = 0.4   # RandomResizedCrop scale range (official recipe)
+    crop_scale_max: float = 1.0
+    hflip: bool = True
+    color_jitter: bool = False    # ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 when true
+    # Per-channel normalization; None means ImageNet's for RGB and 0.5/0.5 for grayscale.
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+    def normalization(self, in_channels: int) -> tuple[list[float], list[float]]:
+        if self.mean is not None and self.std is not None:
+            return self.mean, self.std
+        if in_channels == 3:
+            return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        return [0.5] * in_channels, [0.5] * in_channels
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self, world_size: int = 1) -> "Config":
         validate(self, world_size)
@@ -169,6 +195,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], where)
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -193,7 +226,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     return value
 
 
-_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig,
+             "data": DataConfig}
 
 
 def _build_section(name: str, values: dict) -> Any:
@@ -337,6 +371,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(t.params_dtype in ("fp32", "bf16"), f"train.params_dtype={t.params_dtype!r}: use fp32 or bf16")
     _check(0.0 <= t.warmup_fraction <= 1.0, "train.warmup_fraction must be within [0, 1]")
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number")
+
+    d = cfg.data
+    _check(d.loader in ("auto", "dali", "torch"), f"data.loader={d.loader!r}: use auto, dali or torch")
+    _check(len(d.train_sources) >= 1, "data.train_sources is empty; name shards, a folder or 'synthetic'")
+    if d.train_weights is not None:
+        _check(len(d.train_weights) == len(d.train_sources) and all(w > 0 for w in d.train_weights),
+               f"data.train_weights needs one positive weight per source ({len(d.train_sources)})")
+    mean, std = d.normalization(m.in_channels)
+    _check(len(mean) == m.in_channels and len(std) == m.in_channels and min(std) > 0,
+           f"data.mean/std need {m.in_channels} values (model.in_channels), std > 0")
+    _check(0 < d.crop_scale_min <= d.crop_scale_max <= 1.0,
+           "data.crop_scale_min/max must satisfy 0 < min <= max <= 1")
 
 
 def num_microbatches(cfg: Config, world_size: int) -> int:
