@@ -75,7 +75,8 @@ class AimLayerNorm(torch.nn.LayerNorm):
 
 
 def _init_device(config: TransformerConfig):
-    return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+    # None follows the ambient default device, so `with torch.device("meta")` builds shapes only.
+    return None if config.use_cpu_initialization else torch.cuda.current_device()
 
 
 def layer_spec(backend: str, with_attention: bool = True) -> ModuleSpec:
@@ -267,7 +268,8 @@ class PredictionHead(MegatronModule):
             for i in range(m.head_num_layers))
         self.norm = torch.nn.LayerNorm(m.head_hidden_size, eps=m.layernorm_eps, device=dev, dtype=dtype)
         self.out_proj = torch.nn.Linear(m.head_hidden_size, m.patch_dim, device=dev, dtype=dtype)
-        self.register_buffer("pos", sincos_2d(m.head_hidden_size, m.grid_size).to(dev), persistent=False)
+        self.register_buffer("pos", sincos_2d(m.head_hidden_size, m.grid_size).to(device=dev),
+                             persistent=False)
         for lin in (self.in_proj, self.out_proj):
             torch.nn.init.normal_(lin.weight, std=m.init_std)
             torch.nn.init.zeros_(lin.bias)
@@ -303,7 +305,8 @@ class AIMModel(MegatronModule):
         dev, dtype = _init_device(trunk_config), trunk_config.params_dtype
         if pre_process:
             self.patch_embed = PatchEmbed(m, device=dev, dtype=dtype)
-            self.register_buffer("pos", sincos_2d(m.hidden_size, m.grid_size).to(dev), persistent=False)
+            self.register_buffer("pos", sincos_2d(m.hidden_size, m.grid_size).to(device=dev),
+                                 persistent=False)
         self.trunk = TransformerBlock(trunk_config, spec=layer_spec(backend), post_layer_norm=False,
                                       pre_process=pre_process, post_process=post_process,
                                       vp_stage=vp_stage)

@@ -1,0 +1,67 @@
+"""Configs load from YAML with command-line overrides, and bad input fails with the fix named."""
+import pytest
+
+from aim_megatron.config import ConfigError, load_config
+
+
+def test_yaml_with_preset_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: aim-600M\n  num_layers: 12\nparallel:\n  tp: 2\n"
+                    "train:\n  global_batch_size: 4096\n  adam_eps: 1e-8\n")
+    cfg = load_config(path, ["parallel.pp=2", "train.lr=2e-3", "data.train_sources=[a.tar, b.tar]"])
+    assert (cfg.model.hidden_size, cfg.model.num_heads, cfg.model.num_layers) == (1536, 12, 12)
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
+    assert cfg.train.lr == 2e-3 and cfg.train.adam_eps == 1e-8
+    assert cfg.train.effective_lr == pytest.approx(2e-3)  # batch 4096: no scaling
+    assert cfg.data.train_sources == ["a.tar", "b.tar"]
+    assert cfg.model.num_patches == 256 and cfg.model.prefix_range == (1, 255)
+    cfg.validate(world_size=8)
+
+
+@pytest.mark.parametrize("overrides,world,fix", [
+    (["parallel.tp=5"], 5, "num_heads=4 is not divisible by parallel.tp=5"),
+    (["parallel.pp=3"], 3, "num_layers=4 is not divisible by pp\\*vp"),
+    (["parallel.pp=2", "parallel.vp=4"], 2, "not divisible by pp\\*vp = 2\\*4"),
+    (["parallel.tp=2"], 3, "world size 3 is not divisible by tp\\*pp"),
+    (["model.image_size=30"], 1, "not a multiple of model.patch_size"),
+    (["parallel.sequence_parallel=true"], 1, "needs parallel.tp > 1"),
+    (["parallel.vp=2"], 1, "needs parallel.pp > 1"),
+    (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "use a multiple of 4"),
+    (["model.prefix_max=16"], 1, "must lie within \\[1, 15\\]"),
+    (["parallel.pp=2", "parallel.trunk_layers_in_last_stage=2"], 2, None),
+    (["parallel.pp=3", "parallel.trunk_layers_in_last_stage=1"], 3, "do not divide evenly"),
+    (["data.train_sources=[a, b]", "data.train_weights=[1.0]"], 1, "one positive weight per source"),
+])
+def test_invalid_layouts_name_the_fix(overrides, world, fix, tiny_overrides):
+    base = tiny_overrides + ["model.in_channels=1", "train.micro_batch_size=1", "train.global_batch_size=8"]
+    cfg = load_config(None, base + overrides)
+    if fix is None:
+        cfg.validate(world)  # a valid uneven split
+        return
+    with pytest.raises(ConfigError, match=fix):
+        cfg.validate(world)
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (["model.hidden_sise=3"], "unknown field"),
+    (["model.num_layers=two"], "expected an integer"),
+    (["parallel.sequence_parallel=maybe"], "expected true/false"),
+    (["modle.num_layers=2"], "section.field"),
+    (["model.num_layers"], "section.key=value"),
+    (["model.preset=aim-9B"], "unknown preset"),
+])
+def test_bad_overrides(overrides, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, overrides)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("trainer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown config section"):
+        load_config(bad)
