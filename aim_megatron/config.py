@@ -157,6 +157,11 @@ class DataConfig:
     # Per-channel normalization; None means ImageNet's for RGB and 0.5/0.5 for grayscale.
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
+    # Where a DALI pipeline runs: "auto" (GPU decode via "mixed" + GPU ops when CUDA is available,
+    # else CPU with device_id=None), "cpu" or "gpu".
+    dali_device: str = "auto"
+    shuffle: bool = True          # reshuffle each rank's shard every epoch
+    shuffle_buffer: int = 1024    # DALI shuffles through a buffer of this many samples per source
 
     def normalization(self, in_channels: int) -> tuple[list[float], list[float]]:
         if self.mean is not None and self.std is not None:
@@ -383,6 +388,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"data.mean/std need {m.in_channels} values (model.in_channels), std > 0")
     _check(0 < d.crop_scale_min <= d.crop_scale_max <= 1.0,
            "data.crop_scale_min/max must satisfy 0 < min <= max <= 1")
+    _check(d.dali_device in ("auto", "cpu", "gpu"), f"data.dali_device={d.dali_device!r}: use auto, cpu or gpu")
+    _check(d.num_workers >= 0, "data.num_workers must be >= 0")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
 
 
 def num_microbatches(cfg: Config, world_size: int) -> int:
