@@ -135,6 +135,16 @@ class TrainConfig:
     clip_grad: float = 1.0
     warmup_fraction: float = 0.025
     params_dtype: str = "fp32"   # "fp32" or "bf16" (bf16 mixed precision, fp32 master weights)
+    # Run bookkeeping.
+    output_dir: str = "runs/aim"
+    log_interval: int = 10
+    eval_interval: int = 0        # steps between validations; 0 = only at the end
+    eval_iters: int = 4           # global batches per validation
+    save_interval: int = 0        # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3            # checkpoints kept (0 = all)
+    max_bad_steps: int = 5        # consecutive NaN/inf steps before the run stops
+    exit_after_steps: int = 0     # checkpoint and exit (code 0) after this many steps in this run
+    tensorboard: bool = True
 
     @property
     def effective_lr(self) -> float:
@@ -375,6 +385,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"{t.micro_batch_size}*{dp}; use a multiple of {t.micro_batch_size * dp}")
     _check(t.params_dtype in ("fp32", "bf16"), f"train.params_dtype={t.params_dtype!r}: use fp32 or bf16")
     _check(0.0 <= t.warmup_fraction <= 1.0, "train.warmup_fraction must be within [0, 1]")
+    _check(t.train_iters >= 1, "train.train_iters must be >= 1")
+    _check(min(t.log_interval, t.eval_iters, t.max_bad_steps) >= 1,
+           "train.log_interval, train.eval_iters and train.max_bad_steps must be >= 1")
+    _check(min(t.eval_interval, t.save_interval, t.keep_last, t.exit_after_steps) >= 0,
+           "train.eval_interval, save_interval, keep_last and exit_after_steps must be >= 0")
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number")
 
     d = cfg.data

@@ -159,7 +159,9 @@ def _loss_func(prefix_len: torch.Tensor, num_patches: int, errors: torch.Tensor)
 def forward_step(data_iterator: Iterator[dict], model: AIMModel):
     batch = next(data_iterator)
     device = cpu_shims.device()
-    images = batch["images"].to(device, non_blocking=True)
+    images = batch["images"]  # None on pipeline middle stages, which read no images
+    if images is not None:
+        images = images.to(device, non_blocking=True)
     prefix_len = batch["prefix_len"].to(device, non_blocking=True)
     errors = model(images, prefix_len)
     return errors, partial(_loss_func, prefix_len, _unwrap(model).model_cfg.num_patches)
@@ -180,7 +182,7 @@ def forward_backward(cfg: Config, model: list[torch.nn.Module], microbatches: li
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(microbatches),
         seq_length=m.num_patches,
-        micro_batch_size=microbatches[0]["images"].shape[0],
+        micro_batch_size=len(microbatches[0]["prefix_len"]),
         forward_only=forward_only,
     )
     return _reduce_loss(losses)

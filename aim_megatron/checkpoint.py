@@ -1,0 +1,287 @@
+"""Checkpoints with megatron-core dist_checkpointing (torch_dist): model, optimizer (distributed
+optimizer in the fully reshardable format), LR schedule, step, RNG states and data position.
+
+Layout on disk::
+
+    <output_dir>/checkpoints/step_00000100/   dist_checkpointing files + aim_meta.json
+    <output_dir>/checkpoints/latest           "step_00000100", replaced atomically, last
+
+A save writes ``.tmp_step_*`` and renames it once complete, so a crash or SIGKILL mid-save never
+touches the last good checkpoint; ``latest`` only ever names a complete directory. Because the
+checkpoint is stored by global tensor keys, any TP/PP/VP/DP layout can load it (resharding).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.tensor_parallel import random as mcore_random
+# torch's checkpoint errors derive from BaseException, not Exception.
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+
+META_FILE = "aim_meta.json"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and what to do."""
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def model_sharded_state_dict(model: list) -> dict:
+    if len(model) == 1:
+        return {"model": _unwrap(model[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def _rank_rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": mcore_random.get_cuda_rng_tracker().get_states()}
+
+
+def _restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    mcore_random.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> dict:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size(),
+            "world": dist.get_world_size()}
+
+
+def _gather_to_all(obj: Any) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------- paths
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def resolve(root: Path, which: str = "latest") -> Optional[Path]:
+    """The checkpoint directory named by ``which`` ("latest" or a path); None if there is none."""
+    root = Path(root)
+    if which != "latest":
+        path = Path(which)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist; pass an existing step_* "
+                                  f"directory or --resume auto")
+        return path
+    pointer = root / LATEST_FILE
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist; point --resume at "
+                              f"an existing step_* directory in {root}")
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    meta_file = Path(path) / META_FILE
+    if not meta_file.exists() or not (Path(path) / "metadata.json").exists():
+        raise CheckpointError(f"{path} is not a complete aim-megatron checkpoint ({META_FILE} or "
+                              f"metadata.json missing); resume from an older step_* directory")
+    try:
+        return json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_file} is corrupt ({exc}); resume from an older checkpoint") from exc
+
+
+# --------------------------------------------------------------------------- compatibility
+
+# Fields that change what the checkpoint means; anything else (lr, iterations, intervals,
+# layout) may change between runs.
+_MUST_MATCH = {
+    "model": None,  # every architecture field
+    "train": ("seed", "global_batch_size", "params_dtype"),
+    "data": ("train_sources", "train_weights"),
+}
+
+
+def config_mismatches(saved: dict, cfg: Config) -> list[str]:
+    now = cfg.to_dict()
+    problems = []
+    for section, fields in _MUST_MATCH.items():
+        old_sec, new_sec = saved.get(section, {}), now[section]
+        for key in fields or new_sec.keys():
+            if key == "backend":
+                continue
+            if key in old_sec and old_sec[key] != new_sec[key]:
+                problems.append(f"{section}.{key}: checkpoint {old_sec[key]!r}, config {new_sec[key]!r}")
+    return problems
+
+
+# --------------------------------------------------------------------------- save / load
+
+def save(root: Path, step: int, cfg: Config, model: list, optimizer, scheduler,
+         trainer_state: dict, data_state: Any = None, keep_last: int = 0) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}"
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_step_*"):  # left by an interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+
+    rng_states = _gather_to_all(_rank_rng_state())
+    data_states = _gather_to_all(data_state)
+    state = model_sharded_state_dict(model)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPT_METADATA)
+    state["scheduler"] = scheduler.state_dict()
+    state["trainer"] = trainer_state
+    state["rng"] = rng_states
+    state["data"] = data_states
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+
+    if rank0:
+        meta = {"format": FORMAT_VERSION, "step": step, "config": cfg.to_dict(), "layout": _layout()}
+        _write_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
+        if final.exists():  # a re-save of the same step (e.g. preemption right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / LATEST_FILE, final.name)
+        if keep_last > 0:
+            _prune(root, keep_last, keep=final.name)
+    dist.barrier()
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    with open(part, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -> dict:
+    """Collective. Loads model (+ optimizer, scheduler) in the current layout and restores RNG
+    states when the layout is unchanged. Returns {"trainer", "data", "meta"}."""
+    path = Path(path)
+    meta = read_meta(path)
+    problems = config_mismatches(meta.get("config", {}), cfg)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not match this config:\n  " + "\n  ".join(problems)
+            + f"\nUse the checkpoint's config (in {path / META_FILE}) or a new train.output_dir.")
+
+    if optimizer is not None:
+        _prepare_optimizer_for_load(optimizer)
+    state = model_sharded_state_dict(model)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPT_METADATA)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except (Exception, TorchCheckpointException) as exc:  # damaged files raise many kinds
+        raise CheckpointError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}. "
+                              f"It may be damaged; resume from an older step_* directory") from exc
+
+    for i, chunk in enumerate(model):
+        key = "model" if len(model) == 1 else f"model{i}"
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_step(optimizer)
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+
+    same_layout = meta.get("layout") == _layout()
+    if same_layout:
+        _restore_rng_state(loaded["rng"][dist.get_rank()])
+    data_state = loaded["data"][dist.get_rank()] if same_layout else None
+    if not same_layout:
+        log.warning("checkpoint layout %s differs from the current %s: model and optimizer are "
+                    "resharded; RNG and data-loader states restart from the sample position",
+                    meta.get("layout"), _layout())
+    return {"trainer": loaded["trainer"], "data": data_state, "meta": meta}
+
+
+# --------------------------------------------------------------------------- optimizer fixes
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _prepare_optimizer_for_load(optimizer) -> None:
+    """Work around megatron-core 0.16's distributed-optimizer load with torch AdamW (the
+    fallback when neither TE nor apex is installed; FACTS, bug 2).
+
+    A fresh optimizer has no Adam state yet, so it gets dummy states of the right shapes first.
+    The fully reshardable loader then copies every state key of the destination from the
+    checkpoint, but torch AdamW's per-param ``step`` is restored separately and is not in the
+    source: copy the other keys and leave ``step`` to that separate path.
+    """
+    for opt in _inner_optimizers(optimizer):
+        if not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue  # not a distributed optimizer
+        opt._init_optimizer_states_with_dummy_values()
+        if opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 or \
+                getattr(opt, "_aim_step_patch", False):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states_without_step(model_param, tensors, _opt=opt, _original=original):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = _opt.optimizer.state[main_param]
+            step = state.pop("step", None)
+            try:
+                _original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = set_states_without_step
+        opt._aim_step_patch = True
+
+
+def _unshare_adam_step(optimizer) -> None:
+    # After loading, megatron-core 0.16 can leave one `step` tensor shared by all params, which
+    # torch AdamW then increments once per param per step: give each param its own copy.
+    for opt in _inner_optimizers(optimizer):
+        torch_opt = getattr(opt, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for param_state in torch_opt.state.values():
+            step = param_state.get("step")
+            if torch.is_tensor(step):
+                param_state["step"] = step.clone()

@@ -1,0 +1,391 @@
+"""AIM pre-training loop.
+
+    aim-pretrain --config examples/configs/aim_tiny.yaml train.train_iters=200 parallel.tp=2
+    torchrun --nproc_per_node 8 -m aim_megatron.train --config ... [--resume auto|none|PATH]
+
+The same code runs on one CPU process, N gloo processes and N GPUs/nodes (NCCL). Exit codes:
+0 finished, 3 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue), 2 diverged
+(too many NaN/inf steps in a row; nothing poisoned is saved), 1 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from . import checkpoint, cpu_shims, parallel
+from .config import Config, ConfigError, load_config, num_microbatches
+from .flops import device_peak_tflops, train_flops_per_image
+from .model import prefix_lengths
+
+log = logging.getLogger("aim_megatron.train")
+
+EXIT_OK, EXIT_ERROR, EXIT_DIVERGED, EXIT_REQUEUE = 0, 1, 2, 3
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    """Linear warmup over the first warmup_fraction of training, then cosine to min_lr."""
+    t = cfg.train
+    warmup = int(round(t.warmup_fraction * t.train_iters))
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.effective_lr, min_lr=t.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=t.train_iters, lr_decay_style="cosine",
+        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_iters,
+        wd_incr_style="constant")
+
+
+def guarded_optimizer_step(optimizer, loss: float) -> tuple[bool, float]:
+    """megatron's optimizer step with a finiteness check *before* any update: a NaN/inf loss or
+    gradient norm skips the step. Returns (stepped, grad_norm)."""
+    found_inf = optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if found_inf or not math.isfinite(loss) or not math.isfinite(grad_norm):
+        return False, grad_norm
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if opt.config.clip_grad > 0.0 and params:
+            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm)
+    return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
+class _SyntheticLoader:
+    """Seeded random images, each a function of (seed, global sample index): every layout of
+    the same global batch sees the same images (placeholder source)."""
+
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int, seed: int):
+        self.m, self.mbs, self.seed = cfg.model, micro_batch_size, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.n_micro = cfg.train.global_batch_size // (micro_batch_size * dp_size)
+        self.position = 0  # micro-batches served by this rank
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        step, micro = divmod(self.position, self.n_micro)
+        first = (step * self.dp_size + self.dp_rank) * self.n_micro * self.mbs + micro * self.mbs
+        self.position += 1
+        m = self.m
+        # Smooth random fields (a 3x3 grid upsampled): structure a model can learn to predict.
+        coarse = torch.stack([
+            torch.randn(m.in_channels, 3, 3, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i))
+            for i in range(first, first + self.mbs)])
+        images = torch.nn.functional.interpolate(coarse, size=(m.image_size, m.image_size),
+                                                 mode="bilinear", align_corners=True)
+        return {"images": images}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int):
+    seed = cfg.train.seed + (0 if split == "train" else 7919)
+    return _SyntheticLoader(cfg, dp_rank, dp_size, cfg.train.micro_batch_size, seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: int, train_loader: Optional[Iterator] = None):
+        self.cfg, self.world = cfg, world
+        t = cfg.train
+        self.model = parallel.build_model(cfg)
+        self.optimizer = parallel.build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.n_micro = num_microbatches(cfg, world)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.first_stage = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        self.last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        # Images are needed by the first stage (embedding) and the last (targets). Within a TP
+        # group only rank 0 reads and broadcasts; pipeline middle stages read nothing.
+        self.needs_images = self.first_stage or self.last_stage
+        self.reads_data = self.needs_images and self.tp_rank == 0
+        self.train_loader = (train_loader if train_loader is not None
+                             else build_loader(cfg, "train", self.dp_rank, self.dp_size)
+                             ) if self.reads_data else None
+        self.out_dir = Path(t.output_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.step = 0
+        self.skipped_steps = 0
+        self.bad_in_row = 0
+        self.stop_signal = 0
+        self.is_logger = dist.get_rank() == 0
+        self.writer = None
+        self.flops_per_image = train_flops_per_image(cfg.model)
+        self.peak_tflops = device_peak_tflops()
+
+    # ------------------------------------------------------------------ data
+
+    def _sample_indices(self, step: int, micro: int) -> torch.Tensor:
+        mbs = self.cfg.train.micro_batch_size
+        start = step * self.cfg.train.global_batch_size + (self.dp_rank * self.n_micro + micro) * mbs
+        return torch.arange(start, start + mbs)
+
+    def _fetch_images(self, loader) -> Optional[torch.Tensor]:
+        m, mbs = self.cfg.model, self.cfg.train.micro_batch_size
+        if not self.needs_images:
+            return None
+        device = cpu_shims.device()
+        if self.reads_data:
+            images = next(loader)["images"].to(device, torch.float32)
+        else:
+            images = torch.empty(mbs, m.in_channels, m.image_size, m.image_size, device=device)
+        if self.cfg.parallel.tp > 1:
+            dist.broadcast(images, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                           group=parallel_state.get_tensor_model_parallel_group())
+        return images
+
+    def microbatches(self, step: int, loader, seed: int) -> list[dict]:
+        return [{"images": self._fetch_images(loader),
+                 "prefix_len": prefix_lengths(seed, self._sample_indices(step, i), self.cfg.model)}
+                for i in range(self.n_micro)]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        state = {"step": self.step, "skipped_steps": self.skipped_steps}
+        data_state = self.train_loader.state_dict() if self.train_loader is not None else None
+        path = checkpoint.save(self.ckpt_root, self.step, self.cfg, self.model, self.optimizer,
+                               self.scheduler, state, data_state, keep_last=self.cfg.train.keep_last)
+        self._log_line(f"saved checkpoint {path}")
+        return path
+
+    def resume(self, which: str = "auto") -> bool:
+        if which == "none":
+            return False
+        path = checkpoint.resolve(self.ckpt_root, "latest" if which == "auto" else which)
+        if path is None:
+            return False
+        restored = checkpoint.load(path, self.cfg, self.model, self.optimizer, self.scheduler)
+        self.step = restored["trainer"]["step"]
+        self.skipped_steps = restored["trainer"]["skipped_steps"]
+        if self.train_loader is not None:
+            if restored["data"] is not None:
+                self.train_loader.load_state_dict(restored["data"])
+            else:  # another layout: position the loader by the samples consumed so far
+                self.train_loader.load_state_dict(
+                    {"position": self.step * self.n_micro})
+        self._log_line(f"resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(self) -> dict:
+        seed = self.cfg.train.seed
+        mbs = self.microbatches(self.step, self.train_loader, seed)
+        self.optimizer.zero_grad()
+        loss = parallel.forward_backward(self.cfg, self.model, mbs)
+        stepped, grad_norm = guarded_optimizer_step(self.optimizer, loss)
+        if stepped:
+            self.scheduler.step(increment=1)
+            self.bad_in_row = 0
+        else:
+            self.skipped_steps += 1
+            self.bad_in_row += 1
+            self._log_line(f"step {self.step + 1}: non-finite loss {loss} or grad norm {grad_norm}; "
+                           f"step skipped ({self.bad_in_row} in a row)", level=logging.WARNING)
+            if self.bad_in_row >= self.cfg.train.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{self.bad_in_row} consecutive steps with non-finite loss/gradients at step "
+                    f"{self.step + 1}; stopping without saving. Resume from the last good checkpoint "
+                    f"in {self.ckpt_root} with a lower train.lr or check the data")
+        self.step += 1
+        return {"loss": loss, "grad_norm": grad_norm, "stepped": stepped,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over train.eval_iters fixed held-out global batches (same every time)."""
+        for chunk in self.model:
+            chunk.eval()
+        loader = build_loader(self.cfg, "val", self.dp_rank, self.dp_size) if self.reads_data else None
+        total = 0.0
+        for i in range(self.cfg.train.eval_iters):
+            mbs = self.microbatches(i, loader, self.cfg.train.seed + 7919)
+            total += parallel.forward_backward(self.cfg, self.model, mbs, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        return total / self.cfg.train.eval_iters
+
+    # ------------------------------------------------------------------ loop
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.stop_signal = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([self.stop_signal], dtype=torch.int32, device=cpu_shims.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # any rank signalled -> all stop together
+        return bool(flag.item())
+
+    def run(self) -> int:
+        t = self.cfg.train
+        self._install_signal_handlers()
+        self._open_logs()
+        progress = self._progress()
+        window: list[dict] = []
+        window_start = time.perf_counter()
+        first_step = self.step
+        while self.step < t.train_iters:
+            window.append(self.train_step())
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{window[-1]['loss']:.4f}", lr=f"{window[-1]['lr']:.2e}")
+            if self.step % t.log_interval == 0 or self.step == t.train_iters:
+                self._log_window(window, time.perf_counter() - window_start)
+                window, window_start = [], time.perf_counter()
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_iters:
+                self._log_eval(self.evaluate())
+            if self._stop_requested():
+                self._log_line(f"signal {self.stop_signal or 'from a peer'} received: checkpointing "
+                               f"at step {self.step} and exiting for requeue")
+                self.save()
+                return EXIT_REQUEUE
+            if t.exit_after_steps and self.step - first_step >= t.exit_after_steps \
+                    and self.step < t.train_iters:
+                self._log_line(f"train.exit_after_steps reached at step {self.step}: checkpointing")
+                self.save()
+                return EXIT_OK
+            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.train_iters:
+                self.save()
+        if progress is not None:
+            progress.close()
+        self._log_eval(self.evaluate())
+        self.save()
+        return EXIT_OK
+
+    # ------------------------------------------------------------------ logging
+
+    def _open_logs(self) -> None:
+        if not self.is_logger:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self.metrics = open(self.out_dir / "metrics.jsonl", "a")
+        if self.cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _progress(self):
+        if not self.is_logger:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg.train.train_iters, initial=self.step, desc="pretrain",
+                    unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _log_line(self, text: str, level: int = logging.INFO) -> None:
+        if self.is_logger:
+            log.log(level, text)
+
+    def _write_metrics(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "images_seen") and value is not None:
+                    self.writer.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss",
+                                           value, record["step"])
+            self.writer.flush()
+
+    def _log_window(self, window: list[dict], seconds: float) -> None:
+        if not self.is_logger or not window:
+            return
+        good = [w for w in window if math.isfinite(w["loss"])]
+        images_per_s = len(window) * self.cfg.train.global_batch_size / max(seconds, 1e-9)
+        tflops = images_per_s * self.flops_per_image / self.world / 1e12  # per device
+        record = {
+            "step": self.step,
+            "images_seen": self.step * self.cfg.train.global_batch_size,
+            "loss": sum(w["loss"] for w in good) / len(good) if good else float("nan"),
+            "lr": window[-1]["lr"],
+            "grad_norm": window[-1]["grad_norm"],
+            "images_per_s": images_per_s,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "skipped_steps": self.skipped_steps,
+            "memory_gb": (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+                          else _rss_gb()),
+        }
+        self._write_metrics(record)
+        mfu = f" mfu {record['mfu']:.1%}" if record["mfu"] else ""
+        log.info("step %d/%d loss %.4f lr %.2e grad %.3f | %.1f img/s %.3f TFLOP/s/dev%s | %.2f GB",
+                 self.step, self.cfg.train.train_iters, record["loss"], record["lr"],
+                 record["grad_norm"], images_per_s, tflops, mfu, record["memory_gb"])
+
+    def _log_eval(self, val_loss: float) -> None:
+        if self.is_logger:
+            self._write_metrics({"step": self.step, "val_loss": val_loss})
+            log.info("step %d validation loss %.4f", self.step, val_loss)
+
+    def close(self) -> None:
+        if self.is_logger:
+            if getattr(self, "metrics", None):
+                self.metrics.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _rss_gb() -> float:
+    import psutil
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="aim-pretrain", description="Pre-train AIM with megatron-core.")
+    ap.add_argument("--config", help="YAML config (see examples/configs/)")
+    ap.add_argument("--resume", default="auto",
+                    help="'auto' (latest checkpoint in train.output_dir, if any), 'none', or a step_* dir")
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. parallel.tp=2")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-parameter INFO lists
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = parallel.initialize(cfg)
+    except ConfigError as exc:
+        print(f"aim-pretrain: configuration error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    trainer = Trainer(cfg, world)
+    try:
+        trainer.resume(args.resume)
+        return trainer.run()
+    except checkpoint.CheckpointError as exc:
+        print(f"aim-pretrain: checkpoint error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except TrainingDiverged as exc:
+        print(f"aim-pretrain: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    finally:
+        trainer.close()
+        parallel.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
