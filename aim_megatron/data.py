@@ -1,0 +1,510 @@
+"""Image data path: sources, per-sample prefix lengths, weighted mixing and resumable loaders.
+
+    loader = build_loader(cfg, dp_rank, dp_size, micro_batch_size)   # only data-parallel readers call it
+    batch = next(loader)      # {"images": f32 [b, C, H, W] normalized, "prefix_len": i64 [b], "labels": i64 [b]}
+    state = loader.state_dict()          # plain ints/strings/lists: store it in the training checkpoint
+    loader2 = build_loader(cfg, dp_rank, dp_size, micro_batch_size); loader2.load_state_dict(state)
+
+Micro-batch ``j`` of data-parallel rank ``r`` holds the global sample positions that
+``parallel.split_microbatches`` gives rank ``r`` (:func:`sample_positions`), so any rank (a TP or PP
+peer that reads no images, or a resumed run) gets the same ``prefix_len`` from
+:func:`prefix_lengths` / :func:`microbatch_prefix_lengths` without touching the data.
+
+Each source is a stream of decoded, augmented samples. Stream ``s`` of DP rank ``r`` reads the
+contiguous shard ``[n*r // R, n*(r+1) // R)`` of its ``n`` samples (the split DALI uses) and returns
+each of them exactly once per epoch, in a reshuffled order; epochs follow each other without a break.
+With several sources, every sample position is assigned to a source by a seeded hash weighted by
+``data.train_weights``, so the mixture is exact over time and the same after a resume.
+Corrupt samples (truncated, not an image, empty) are skipped, counted (``loader.num_corrupt``) and logged.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from aim_megatron.config import Config, ModelConfig
+from aim_megatron.data_shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, index_num_samples,
+                                      read_wds_index, scan_tar)
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+DALI_INSTALL_HINT = "pip install nvidia-dali-cuda130==2.4.0"
+_LOG_CORRUPT_NAMES = 100    # distinct corrupt samples logged per stream (all are counted)
+
+
+# --------------------------------------------------------------------------- deterministic hashing
+
+_U64 = np.uint64
+_MASK64 = (1 << 64) - 1
+# Salts keep the per-purpose random streams independent.
+SALT_PREFIX, SALT_MIX, SALT_SEED = 0x5EED_0001, 0x5EED_0002, 0x5EED_0003
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer: a bijective avalanche on uint64 (wraps modulo 2**64)."""
+    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+def hash_uniform(seed: int, salt: int, positions: np.ndarray) -> np.ndarray:
+    """Uniform float64 in [0, 1), a pure function of (seed, salt, position)."""
+    key = _U64(((seed * 0x9E3779B97F4A7C15) ^ (salt * 0xD1B54A32D192ED03)) & _MASK64)
+    x = _mix64(_mix64(np.asarray(positions, dtype=np.int64).astype(_U64) ^ key) + key)
+    return (x >> _U64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed (what DALI and torch accept) from integers, e.g. (train seed, source, rank)."""
+    x = np.array([0], dtype=np.int64)
+    for p in parts:
+        x = (hash_uniform(int(p), SALT_SEED, x) * 2 ** 62).astype(np.int64)
+    return int(x[0] % (2 ** 31 - 1))
+
+
+# --------------------------------------------------------------------------- positions and prefixes
+
+def sample_positions(microbatch_index: int, dp_rank: int, dp_size: int, micro_batch_size: int,
+                     global_batch_size: int) -> np.ndarray:
+    """Global sample positions of one DP rank's micro-batch, laid out as split_microbatches does:
+    global batch ``step`` holds positions ``step*G .. step*G+G-1``; rank r owns the r-th 1/dp of it,
+    cut into consecutive micro-batches."""
+    per_rank, rest = divmod(global_batch_size, dp_size)
+    if rest or per_rank % micro_batch_size:
+        raise ValueError(f"global batch {global_batch_size} is not a multiple of micro_batch_size*dp = "
+                         f"{micro_batch_size}*{dp_size}; fix train.global_batch_size")
+    step, i = divmod(microbatch_index, per_rank // micro_batch_size)
+    start = step * global_batch_size + dp_rank * per_rank + i * micro_batch_size
+    return np.arange(start, start + micro_batch_size, dtype=np.int64)
+
+
+def prefix_lengths(seed: int, sample_indices: np.ndarray | torch.Tensor | list[int],
+                   model_cfg: ModelConfig) -> torch.Tensor:
+    """int64 prefix length per global sample position, uniform on ``model_cfg.prefix_range``."""
+    lo, hi = model_cfg.prefix_range
+    idx = sample_indices.cpu().numpy() if isinstance(sample_indices, torch.Tensor) else sample_indices
+    u = hash_uniform(seed, SALT_PREFIX, np.asarray(idx, dtype=np.int64))
+    return torch.from_numpy(lo + np.floor(u * (hi - lo + 1)).astype(np.int64))
+
+
+def microbatch_prefix_lengths(cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int,
+                              microbatch_index: int) -> torch.Tensor:
+    """prefix_len of a micro-batch, for ranks that do not read images (TP/PP peers)."""
+    pos = sample_positions(microbatch_index, dp_rank, dp_size, micro_batch_size,
+                           cfg.train.global_batch_size)
+    return prefix_lengths(cfg.train.seed, pos, cfg.model)
+
+
+def assign_sources(seed: int, positions: np.ndarray, weights: list[float]) -> np.ndarray:
+    """Source index per sample position, drawn with probabilities proportional to ``weights``."""
+    if len(weights) == 1:
+        return np.zeros(len(positions), dtype=np.int64)
+    cdf = np.cumsum(np.asarray(weights, dtype=np.float64))
+    u = hash_uniform(seed, SALT_MIX, positions) * cdf[-1]
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(weights) - 1)
+
+
+def shard_bounds(num_samples: int, rank: int, num_shards: int) -> tuple[int, int]:
+    """Contiguous shard of a data-parallel rank; the same split DALI's readers use."""
+    return num_samples * rank // num_shards, num_samples * (rank + 1) // num_shards
+
+
+# --------------------------------------------------------------------------- sources
+
+@dataclass
+class Source:
+    """A resolved ``data.train_sources`` entry."""
+    spec: str
+    kind: str                                     # "wds", "folder" or "synthetic"
+    tars: list[str] = field(default_factory=list)
+    indices: list[Optional[str]] = field(default_factory=list)   # DALI index per tar, None if absent
+    files: list[str] = field(default_factory=list)               # folder: image files, sorted
+    labels: list[int] = field(default_factory=list)              # folder: class per file or -1
+    classes: list[str] = field(default_factory=list)
+    num_samples: int = 0
+    has_labels: bool = False
+
+
+def _source_error(spec: str, problem: str) -> ValueError:
+    return ValueError(
+        f"data source {spec!r}: {problem}. A source is a .tar shard, a directory of shards "
+        f"(tools/make_shards.py writes one), a glob such as 'data/train-*.tar', an image folder "
+        f"(class sub-folders give labels), or 'synthetic'; set data.train_sources")
+
+
+def resolve_source(spec: str) -> Source:
+    if spec == "synthetic":
+        return Source(spec, "synthetic", num_samples=0)
+    if any(ch in spec for ch in "*?["):
+        tars = sorted(glob.glob(spec))
+        if not tars:
+            raise _source_error(spec, "the glob matched no files")
+        return _wds_source(spec, tars)
+    path = Path(spec)
+    if not path.exists():
+        raise _source_error(spec, "the path does not exist")
+    if path.is_file():
+        if path.suffix != ".tar":
+            raise _source_error(spec, "a file source must be a .tar shard")
+        return _wds_source(spec, [str(path)])
+    if (path / MANIFEST_NAME).is_file():
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+        tars = [str(path / s["tar"]) for s in manifest.get("shards", [])]
+        missing = [t for t in tars if not os.path.isfile(t)]
+        if missing:
+            raise _source_error(spec, f"{len(missing)} shard(s) listed in {MANIFEST_NAME} are missing, "
+                                      f"e.g. {missing[0]}; rebuild with tools/make_shards.py")
+        src = _wds_source(spec, tars)
+        src.classes = list(manifest.get("classes", []))
+        return src
+    tars = sorted(str(p) for p in path.glob("*.tar"))
+    if tars:
+        return _wds_source(spec, tars)
+    return _folder_source(spec, path)
+
+
+def _wds_source(spec: str, tars: list[str]) -> Source:
+    indices, total, has_labels = [], 0, False
+    for i, tar in enumerate(tars):
+        idx = str(Path(tar).with_suffix(".idx"))
+        if os.path.isfile(idx):
+            indices.append(idx)
+            total += index_num_samples(idx)
+            if i == 0:
+                has_labels = any("cls" in s.components for s in read_wds_index(idx)[:16])
+        else:
+            logger.warning("%s has no DALI index (%s); scanning it (slow for big shards). Create it with "
+                           "tools/make_shards.py --index-only %s", tar, idx, tar)
+            indices.append(None)
+            samples = scan_tar(tar)
+            total += len(samples)
+            if i == 0:
+                has_labels = any("cls" in s.components for s in samples[:16])
+    if total == 0:
+        raise _source_error(spec, "the shards hold no samples")
+    return Source(spec, "wds", tars=tars, indices=indices, num_samples=total, has_labels=has_labels)
+
+
+def _folder_source(spec: str, root: Path) -> Source:
+    files, labels = [], []
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_of = {c: i for i, c in enumerate(classes)}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        label = class_of[rel.parts[0]] if rel.parts else -1
+        for name in sorted(filenames):
+            if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                files.append(os.path.join(dirpath, name))
+                labels.append(label)
+    if not files:
+        raise _source_error(spec, f"no .tar shards and no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return Source(spec, "folder", files=files, labels=labels, classes=classes,
+                  num_samples=len(files), has_labels=any(lb >= 0 for lb in labels))
+
+
+# --------------------------------------------------------------------------- streams
+
+class SourceStream:
+    """An endless stream of (image, label) samples of one source on one DP rank, read in chunks.
+
+    Subclasses implement ``_read_chunk`` (next decoded chunk, corrupt samples already removed),
+    ``_position`` (an opaque, JSON-friendly position before the next chunk) and ``_seek``.
+    Resume state = position before the current chunk + how many of its samples were consumed:
+    re-reading that chunk reproduces it exactly because augmentation randomness is part of the position.
+    """
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.num_corrupt = 0
+        self._images: Optional[torch.Tensor] = None
+        self._labels: Optional[torch.Tensor] = None
+        self._offset = 0
+        self._chunk_start: tuple[Any, int] = (None, 0)
+        self._empty_chunks = 0
+        self._logged: set[str] = set()
+
+    # -- implemented by subclasses
+    def _read_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _position(self) -> Any:
+        raise NotImplementedError
+
+    def _seek(self, position: Any) -> None:
+        raise NotImplementedError
+
+    def _max_empty_chunks(self) -> int:
+        """Consecutive all-corrupt chunks after which the source counts as unusable (> one epoch)."""
+        return 1 << 30
+
+    @property
+    def epoch(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+    # -- shared logic
+    def report_corrupt(self, names: list[str]) -> None:
+        """Count skipped samples (every occurrence, so each epoch counts again); log each name once."""
+        for name in names:
+            self.num_corrupt += 1
+            if name not in self._logged and len(self._logged) < _LOG_CORRUPT_NAMES:
+                self._logged.add(name)
+                logger.warning("skipped corrupt sample %s in source %s (%d skipped so far)",
+                               name, self.spec, self.num_corrupt)
+
+    def _advance(self) -> None:
+        while True:
+            self._chunk_start = (self._position(), self.num_corrupt)
+            self._images, self._labels = self._read_chunk()
+            self._offset = 0
+            if len(self._labels):
+                self._empty_chunks = 0
+                return
+            self._empty_chunks += 1
+            if self._empty_chunks > self._max_empty_chunks():
+                raise RuntimeError(f"data source {self.spec!r}: every sample of an epoch on this rank is "
+                                   f"corrupt ({self.num_corrupt} skipped); check it with tools/make_shards.py")
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        while n > 0:
+            if self._labels is None or self._offset == len(self._labels):
+                self._advance()
+            k = min(n, len(self._labels) - self._offset)
+            images.append(self._images[self._offset:self._offset + k])
+            labels.append(self._labels[self._offset:self._offset + k])
+            self._offset += k
+            n -= k
+        if len(images) == 1:
+            return images[0], labels[0]
+        return torch.cat(images), torch.cat(labels)
+
+    def state_dict(self) -> dict:
+        if self._labels is None or self._offset == len(self._labels):
+            return {"position": self._position(), "offset": 0, "num_corrupt": self.num_corrupt}
+        position, corrupt = self._chunk_start
+        return {"position": position, "offset": self._offset, "num_corrupt": corrupt}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._seek(state["position"])
+        self.num_corrupt = int(state["num_corrupt"])
+        self._images = self._labels = None
+        self._offset = 0
+        if state["offset"]:
+            self._advance()
+            self._offset = int(state["offset"])
+
+
+def normalize_(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """In place: images in [0, 1] -> (x - mean) / std per channel; [b, C, H, W]."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return images.sub_(m).div_(s)
+
+
+class SyntheticStream(SourceStream):
+    """Seeded random smooth images (low-resolution noise, bilinearly upsampled); labels -1."""
+
+    def __init__(self, cfg: Config, source_id: int, dp_rank: int, chunk_size: int):
+        super().__init__("synthetic")
+        self.cfg, self.chunk_size = cfg, chunk_size
+        self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
+        self._chunk_index = 0
+
+    def _position(self) -> int:
+        return self._chunk_index
+
+    def _seek(self, position: int) -> None:
+        self._chunk_index = int(position)
+
+    def _read_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.cfg.model
+        gen = torch.Generator().manual_seed(derive_seed(self._seed, self._chunk_index))
+        self._chunk_index += 1
+        low = max(2, m.image_size // 4)
+        images = torch.rand(self.chunk_size, m.in_channels, low, low, generator=gen)
+        images = F.interpolate(images, size=(m.image_size, m.image_size), mode="bilinear",
+                               align_corners=False).clamp_(0, 1)
+        normalize_(images, *self.cfg.data.normalization(m.in_channels))
+        return images, torch.full((self.chunk_size,), -1, dtype=torch.int64)
+
+
+# --------------------------------------------------------------------------- loaders
+
+class ImageLoader:
+    """Endless iterator of micro-batches for one data-parallel rank; resumable mid-epoch.
+
+    Subclasses provide ``_make_stream`` for real sources ("dali", "torch")."""
+
+    kind = "base"
+
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
+        d = cfg.data
+        if d.train_weights is not None and len(d.train_weights) != len(d.train_sources):
+            raise ValueError(f"data.train_weights has {len(d.train_weights)} values for "
+                             f"{len(d.train_sources)} data.train_sources; give one weight per source")
+        if d.train_weights is not None and not all(w > 0 for w in d.train_weights):
+            raise ValueError(f"data.train_weights={d.train_weights}: weights must be positive")
+        # Fail now, not at step N, when positions cannot be laid out.
+        sample_positions(0, dp_rank, dp_size, micro_batch_size, cfg.train.global_batch_size)
+        self.cfg, self.dp_rank, self.dp_size, self.micro_batch_size = cfg, dp_rank, dp_size, micro_batch_size
+        self.weights = list(d.train_weights) if d.train_weights is not None else [1.0] * len(d.train_sources)
+        self.sources = [resolve_source(spec) for spec in d.train_sources]
+        for src in self.sources:
+            if src.kind != "synthetic" and src.num_samples < dp_size:
+                raise ValueError(f"data source {src.spec!r} has {src.num_samples} samples, fewer than the "
+                                 f"{dp_size} data-parallel ranks; add data or lower the DP size")
+        self.streams: list[SourceStream] = []
+        try:
+            for i, src in enumerate(self.sources):
+                self.streams.append(SyntheticStream(cfg, i, dp_rank, micro_batch_size)
+                                    if src.kind == "synthetic" else self._make_stream(src, i))
+        except BaseException:
+            self.close()
+            raise
+        self.microbatch = 0
+
+    def _make_stream(self, source: Source, source_id: int) -> SourceStream:
+        raise ValueError(f"{type(self).__name__} reads only 'synthetic'; use build_loader for {source.spec!r}")
+
+    @property
+    def num_corrupt(self) -> int:
+        return sum(s.num_corrupt for s in self.streams)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        positions = sample_positions(self.microbatch, self.dp_rank, self.dp_size, self.micro_batch_size,
+                                     self.cfg.train.global_batch_size)
+        which = assign_sources(self.cfg.train.seed, positions, self.weights)
+        if len(self.streams) == 1:
+            images, labels = self.streams[0].take(self.micro_batch_size)
+        else:
+            images = labels = None
+            for sid, stream in enumerate(self.streams):
+                rows = torch.from_numpy(np.flatnonzero(which == sid))
+                if len(rows) == 0:
+                    continue
+                part_images, part_labels = stream.take(len(rows))
+                if images is None:
+                    images = part_images.new_empty((self.micro_batch_size, *part_images.shape[1:]))
+                    labels = torch.empty(self.micro_batch_size, dtype=torch.int64)
+                images[rows.to(images.device)] = part_images
+                labels[rows] = part_labels
+        self.microbatch += 1
+        return {"images": images, "prefix_len": prefix_lengths(self.cfg.train.seed, positions, self.cfg.model),
+                "labels": labels}
+
+    def _identity(self) -> dict:
+        return {"kind": self.kind, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+                "micro_batch_size": self.micro_batch_size, "seed": self.cfg.train.seed,
+                "global_batch_size": self.cfg.train.global_batch_size,
+                "sources": [s.spec for s in self.sources], "weights": self.weights}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, **self._identity(), "microbatch": self.microbatch,
+                "streams": [s.state_dict() for s in self.streams]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
+        mine = self._identity()
+        diffs = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in mine.items() if state.get(k) != v]
+        if diffs:
+            raise ValueError("cannot resume the data loader exactly, the setup changed ("
+                             + "; ".join(diffs) + "). Restore the saved settings (data.loader picks the "
+                             "kind), or drop the data state to restart the data order")
+        for stream, s in zip(self.streams, state["streams"]):
+            stream.load_state_dict(s)
+        self.microbatch = int(state["microbatch"])
+
+    @property
+    def epochs(self) -> list[int]:
+        """Current epoch of each source on this rank."""
+        return [s.epoch for s in self.streams]
+
+    def close(self) -> None:
+        for s in self.streams:
+            s.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class SyntheticLoader(ImageLoader):
+    """``data.train_sources=["synthetic"]``: seeded random images, labels -1."""
+    kind = "synthetic"
+
+
+# --------------------------------------------------------------------------- selection
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_loader_kind(requested: str = "auto") -> str:
+    """'dali' or 'torch' for ``data.loader``; "auto" takes DALI when it imports."""
+    if requested == "torch":
+        return "torch"
+    if requested not in ("auto", "dali"):
+        raise ValueError(f"data.loader={requested!r}: use auto, dali or torch")
+    if dali_available():
+        return "dali"
+    if requested == "dali":
+        raise ImportError(f"data.loader=dali but NVIDIA DALI is not importable; {DALI_INSTALL_HINT} "
+                          f"(or set data.loader=torch)")
+    return "torch"
+
+
+def build_loader(cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int) -> ImageLoader:
+    """The training loader for one data-parallel rank, per ``data.loader``; logs which one it is."""
+    if all(s == "synthetic" for s in cfg.data.train_sources):
+        logger.info("data loader: synthetic images (data.train_sources=%s)", cfg.data.train_sources)
+        return SyntheticLoader(cfg, dp_rank, dp_size, micro_batch_size)
+    kind = select_loader_kind(cfg.data.loader)
+    if kind == "dali":
+        from aim_megatron.data_dali import DaliImageLoader, select_dali_placement
+        import nvidia.dali
+        placement = select_dali_placement(cfg.data.dali_device)
+        logger.info("data loader: NVIDIA DALI %s (%s) for %s", nvidia.dali.__version__, placement.describe(),
+                    cfg.data.train_sources)
+        return DaliImageLoader(cfg, dp_rank, dp_size, micro_batch_size, placement=placement)
+    from aim_megatron.data_torch import TorchImageLoader
+    reason = "data.loader=torch" if cfg.data.loader == "torch" else \
+        f"NVIDIA DALI is not importable ({DALI_INSTALL_HINT} to use it)"
+    logger.info("data loader: torch/PIL fallback with %d workers (%s) for %s", cfg.data.num_workers, reason,
+                cfg.data.train_sources)
+    return TorchImageLoader(cfg, dp_rank, dp_size, micro_batch_size)
+
+
+__all__ = [
+    "Source", "SourceStream", "SyntheticStream", "ImageLoader", "SyntheticLoader", "build_loader",
+    "select_loader_kind", "dali_available", "prefix_lengths", "microbatch_prefix_lengths",
+    "sample_positions", "assign_sources", "shard_bounds", "resolve_source", "hash_uniform", "derive_seed",
+    "normalize_",
+]

@@ -1,0 +1,228 @@
+"""NVIDIA DALI image pipeline: WebDataset shards or image folders -> augmented, normalized batches.
+
+Per sample: read -> completeness check (JPEG/PNG end markers; failing samples are swapped for a
+placeholder in the pipeline and dropped afterwards) -> decode + RandomResizedCrop (fused, bicubic)
+-> optional ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 -> horizontal flip -> normalize to CHW float.
+On a GPU the decoder is "mixed" (nvJPEG) and the rest runs on the GPU; without CUDA everything runs on
+the CPU with ``device_id=None``. :func:`select_dali_placement` is the one place that decides.
+
+Sharding and resume, per source and DP rank: the reader takes ``shard_id=dp_rank, num_shards=dp_size,
+stick_to_shard=True, pad_last_batch=True``. Each epoch of a shard then spans
+ceil(ceil(n / dp_size) / batch) batches whose first ``shard_size`` samples are the shard's, each once,
+and the rest copies of its last sample; those copies are dropped here, so every epoch is disjoint across
+ranks and complete. Positions are DALI checkpoints (``enable_checkpointing=True``), which include the
+reader, shuffle buffer and augmentation RNG states.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+from nvidia.dali import pipeline_def
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from aim_megatron.config import Config
+from aim_megatron.data import ImageLoader, Source, SourceStream, derive_seed, shard_bounds
+from aim_megatron.data_shards import IMAGE_EXTENSIONS, parse_label
+
+logger = logging.getLogger(__name__)
+
+READER_NAME = "reader"
+
+
+@dataclass(frozen=True)
+class DaliPlacement:
+    device_id: Optional[int]   # None: a CPU-only pipeline (no CUDA needed)
+    decoder: str               # "mixed" (GPU decode) or "cpu"
+    ops: str                   # "gpu" or "cpu"
+
+    def describe(self) -> str:
+        if self.device_id is None:
+            return "CPU pipeline, device_id=None"
+        return f"GPU pipeline on cuda:{self.device_id}, mixed decoder"
+
+
+def select_dali_placement(requested: str = "auto", cuda_available: Optional[bool] = None,
+                          device_index: Optional[int] = None) -> DaliPlacement:
+    """Where the pipeline runs. "auto": the GPU when torch sees CUDA, else the CPU."""
+    if requested not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"data.dali_device={requested!r}: use auto, cpu or gpu")
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if requested == "gpu" and not cuda_available:
+        raise RuntimeError("data.dali_device=gpu but CUDA is not available; use data.dali_device=auto or cpu")
+    if requested == "cpu" or not cuda_available:
+        return DaliPlacement(device_id=None, decoder="cpu", ops="cpu")
+    index = torch.cuda.current_device() if device_index is None else device_index
+    return DaliPlacement(device_id=index, decoder="mixed", ops="gpu")
+
+
+def _placeholder_jpeg() -> np.ndarray:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (128, 128, 128)).save(buf, "JPEG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
+
+
+_PLACEHOLDER = _placeholder_jpeg()
+_ZEROS = np.zeros(12, dtype=np.uint8)
+
+
+@pipeline_def(enable_conditionals=True)
+def _image_pipeline(source: Source, placement: DaliPlacement, cfg: Config, shard_id: int, num_shards: int):
+    d, m = cfg.data, cfg.model
+    reader_args = dict(name=READER_NAME, shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
+                       pad_last_batch=True, random_shuffle=d.shuffle, initial_fill=d.shuffle_buffer)
+    if source.kind == "wds":
+        exts = [";".join(IMAGE_EXTENSIONS)] + (["cls"] if source.has_labels else [])
+        index_paths = source.indices if all(source.indices) else None
+        outs = fn.readers.webdataset(paths=source.tars, index_paths=index_paths, ext=exts,
+                                     missing_component_behavior="empty", case_sensitive_extensions=False,
+                                     **reader_args)
+        raw = outs[0]
+        label = outs[1] if source.has_labels else raw.shape()  # unused placeholder output
+    else:
+        # Plain reads: mmap fails on empty files, which must count as corrupt instead.
+        raw, label = fn.readers.file(files=source.files, labels=source.labels, dont_use_mmap=True,
+                                     **reader_args)
+    info = fn.get_property(raw, key="source_info")
+
+    # Complete JPEG: FF D8 FF ... FF D9. Complete PNG: signature ... IEND chunk. The padded copies make
+    # indexing safe for short or empty samples.
+    head = fn.cat(raw, types.Constant(_ZEROS))
+    tail = fn.cat(types.Constant(_ZEROS), raw)
+    is_jpeg = (head[0] == 0xFF) & (head[1] == 0xD8) & (head[2] == 0xFF) & (tail[-2] == 0xFF) & (tail[-1] == 0xD9)
+    is_png = ((head[0] == 0x89) & (head[1] == 0x50) & (head[2] == 0x4E) & (head[3] == 0x47)
+              & (tail[-8] == 0x49) & (tail[-7] == 0x45) & (tail[-6] == 0x4E) & (tail[-5] == 0x44))
+    valid = is_jpeg | is_png
+    if valid:
+        encoded = raw
+    else:
+        encoded = types.Constant(_PLACEHOLDER)
+
+    gray = m.in_channels == 1
+    images = fn.decoders.image_random_crop(
+        encoded, device=placement.decoder, output_type=types.GRAY if gray else types.RGB,
+        random_area=[d.crop_scale_min, d.crop_scale_max], random_aspect_ratio=[3 / 4, 4 / 3],
+        num_attempts=10)
+    images = fn.resize(images, size=[m.image_size, m.image_size], interp_type=types.INTERP_CUBIC,
+                       antialias=True)
+    if d.color_jitter:
+        # ColorJitter(0.4, 0.4, 0.2, 0.1) applied with p=0.8; factor 1 / shift 0 means "not applied".
+        on = fn.cast(fn.random.coin_flip(probability=0.8), dtype=types.FLOAT)
+        brightness = 1.0 + on * (fn.random.uniform(range=[0.6, 1.4]) - 1.0)
+        contrast = 1.0 + on * (fn.random.uniform(range=[0.6, 1.4]) - 1.0)
+        if gray:
+            images = fn.brightness_contrast(images, brightness=brightness, contrast=contrast)
+        else:
+            saturation = 1.0 + on * (fn.random.uniform(range=[0.8, 1.2]) - 1.0)
+            hue = on * fn.random.uniform(range=[-36.0, 36.0])  # 0.1 of the hue circle, in degrees
+            images = fn.color_twist(images, brightness=brightness, contrast=contrast,
+                                    saturation=saturation, hue=hue)
+    mean, std = d.normalization(m.in_channels)
+    mirror = fn.random.coin_flip(probability=0.5) if d.hflip else 0
+    images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
+                                      mean=[255.0 * x for x in mean], std=[255.0 * x for x in std])
+    return images, label, valid, info
+
+
+class DaliStream(SourceStream):
+    """One source on one DP rank through a DALI pipeline whose batch is the micro-batch size."""
+
+    def __init__(self, cfg: Config, source: Source, source_id: int, dp_rank: int, dp_size: int,
+                 batch_size: int, placement: DaliPlacement):
+        super().__init__(source.spec)
+        self.cfg, self.source, self.batch_size, self.placement = cfg, source, batch_size, placement
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
+        lo, hi = shard_bounds(source.num_samples, dp_rank, dp_size)
+        self.shard_size = hi - lo
+        self._pipe = None
+        self._build(checkpoint=None, batches_run=0)
+
+    def _build(self, checkpoint: Optional[bytes], batches_run: int) -> None:
+        self.close()
+        self._pipe = _image_pipeline(
+            self.source, self.placement, self.cfg, self.dp_rank, self.dp_size,
+            batch_size=self.batch_size, num_threads=max(1, self.cfg.data.num_workers),
+            device_id=self.placement.device_id, seed=self._seed, enable_checkpointing=True,
+            checkpoint=checkpoint, prefetch_queue_depth=2)
+        self._pipe.build()
+        meta = self._pipe.reader_meta(READER_NAME)
+        if meta["epoch_size"] != self.source.num_samples:
+            raise RuntimeError(f"DALI counts {meta['epoch_size']} samples in {self.source.spec!r}, the index "
+                               f"files say {self.source.num_samples}; regenerate the .idx files")
+        # Samples DALI emits per epoch of this shard: the per-shard padded size rounded up to batches.
+        per_shard = meta["epoch_size_padded"] // self.dp_size
+        self._window = math.ceil(per_shard / self.batch_size) * self.batch_size
+        self._batches_run = batches_run
+
+    @property
+    def epoch(self) -> int:
+        return self._batches_run * self.batch_size // self._window
+
+    def _max_empty_chunks(self) -> int:
+        return self._window // self.batch_size + 1
+
+    def _position(self) -> dict:
+        return {"checkpoint": base64.b64encode(self._pipe.checkpoint()).decode("ascii"),
+                "batches_run": self._batches_run}
+
+    def _seek(self, position: dict) -> None:
+        self._build(base64.b64decode(position["checkpoint"]), int(position["batches_run"]))
+
+    def _read_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        images_tl, labels_tl, valid_tl, info_tl = self._pipe.run()
+        first = self._batches_run * self.batch_size
+        self._batches_run += 1
+        in_window = (first + np.arange(self.batch_size)) % self._window
+        real = in_window < self.shard_size                     # drop pad_last_batch copies
+        valid = np.array(valid_tl.as_array(), dtype=bool).reshape(-1)
+        bad = np.flatnonzero(real & ~valid)
+        if len(bad):
+            self.report_corrupt([bytes(np.asarray(info_tl[int(i)])).decode(errors="replace") for i in bad])
+        keep = torch.from_numpy(np.flatnonzero(real & valid))
+
+        dense = images_tl.as_tensor()
+        device = "cpu" if self.placement.ops == "cpu" else f"cuda:{self.placement.device_id}"
+        images = torch.empty(list(dense.shape()), dtype=torch.float32, device=device)
+        # Copy out: DALI reuses its buffers. On GPU, on torch's current stream so the trainer sees it.
+        feed_ndarray(dense, images, cuda_stream=torch.cuda.current_stream() if device != "cpu" else None)
+        labels = self._labels_of(labels_tl)
+        return images[keep.to(device)], labels[keep]
+
+    def _labels_of(self, labels_tl) -> torch.Tensor:
+        if self.source.kind == "folder":
+            return torch.from_numpy(np.array(labels_tl.as_array(), dtype=np.int64).reshape(-1))
+        if not self.source.has_labels:
+            return torch.full((self.batch_size,), -1, dtype=torch.int64)
+        return torch.tensor([parse_label(bytes(np.asarray(labels_tl[i]))) for i in range(len(labels_tl))],
+                            dtype=torch.int64)
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            del self._pipe
+            self._pipe = None
+
+
+class DaliImageLoader(ImageLoader):
+    """The training loader on NVIDIA DALI (see module docstring)."""
+    kind = "dali"
+
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int,
+                 placement: Optional[DaliPlacement] = None):
+        self.placement = placement or select_dali_placement(cfg.data.dali_device)
+        super().__init__(cfg, dp_rank, dp_size, micro_batch_size)
+
+    def _make_stream(self, source: Source, source_id: int) -> SourceStream:
+        return DaliStream(self.cfg, source, source_id, self.dp_rank, self.dp_size, self.micro_batch_size,
+                          self.placement)
