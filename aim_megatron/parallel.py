@@ -44,14 +44,13 @@ def initialize(cfg: Config, timeout_minutes: int = 30) -> int:
     create megatron's TP/PP/DP groups and seed every RNG. Returns the world size."""
     cpu_shims.install()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python ...`: a world of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        kwargs = {}
+        if "RANK" not in os.environ:  # plain `python ...`: a world of one
+            kwargs = dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
     world = dist.get_world_size()
     validate(cfg, world)
     p = cfg.parallel

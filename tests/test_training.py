@@ -125,4 +125,119 @@ def test_bad_checkpoints_and_mismatched_configs_fail_clearly(tmp_path):
 
 def test_bad_layout_fails_at_start(tmp_path):
     proc = pretrain(tmp_path, ["parallel.tp=3"], expect=1)
-    assert "not divisible by parallel.tp=3" in proc.stderr
+    assert "world size 1 is not divisible by tp*pp = 3*1 = 3" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- in-process checks
+
+def in_process_trainer(out: Path, overrides=(), loader=None):
+    from aim_megatron import parallel
+    from aim_megatron.config import load_config
+    from aim_megatron.train import Trainer
+    cfg = load_config(None, [*BASE, f"train.output_dir={out}", *overrides])
+    world = parallel.initialize(cfg)
+    return Trainer(cfg, world, train_loader=loader)
+
+
+class PoisonedLoader:
+    """The default synthetic data, with NaN images in the micro-batches of chosen steps."""
+
+    def __init__(self, cfg, bad_steps, n_micro):
+        from aim_megatron.train import build_loader
+        self.inner = build_loader(cfg, "train", 0, 1)
+        self.bad_steps, self.n_micro = set(bad_steps), n_micro
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        step = self.inner.position // self.n_micro + 1
+        batch = next(self.inner)
+        if step in self.bad_steps:
+            batch["images"] = torch.full_like(batch["images"], float("nan"))
+        return batch
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+
+def flat_params(trainer):
+    return torch.cat([p.detach().flatten().clone() for c in trainer.model for p in c.parameters()])
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    trainer = in_process_trainer(tmp_path, ["train.train_iters=6"])
+    trainer.train_loader = PoisonedLoader(trainer.cfg, {3}, trainer.n_micro)
+    records = [trainer.train_step() for _ in range(2)]
+    before = flat_params(trainer)
+    poisoned = trainer.train_step()
+    assert not poisoned["stepped"] and trainer.skipped_steps == 1
+    assert torch.equal(flat_params(trainer), before), "a NaN step changed the weights"
+    records += [trainer.train_step() for _ in range(3)]
+    assert all(r["stepped"] and torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert torch.isfinite(flat_params(trainer)).all()
+    trainer.close()
+
+
+def test_consecutive_nan_steps_stop_without_poisoned_checkpoint(tmp_path):
+    from aim_megatron import checkpoint
+    from aim_megatron.train import TrainingDiverged
+    trainer = in_process_trainer(tmp_path, ["train.train_iters=10", "train.save_interval=2",
+                                            "train.max_bad_steps=2"])
+    trainer.train_loader = PoisonedLoader(trainer.cfg, {3, 4}, trainer.n_micro)
+    with pytest.raises(TrainingDiverged, match="2 consecutive steps with non-finite"):
+        trainer.run()
+    trainer.close()
+    latest = checkpoint.resolve(tmp_path / "checkpoints")
+    assert latest.name == "step_00000002"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000002"]
+
+
+def test_interrupted_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
+    from aim_megatron import checkpoint
+    trainer = in_process_trainer(tmp_path, ["train.train_iters=10"])
+    trainer.train_step()
+    trainer.save()
+    trainer.train_step()
+
+    # Crash 1: the process dies while dist_checkpointing is writing shards.
+    real_save = checkpoint.dist_checkpointing.save
+
+    def dying_save(state, path, *args, **kwargs):
+        (Path(path) / "__0_0.distcp").write_bytes(b"half a shard")
+        raise KeyboardInterrupt("simulated SIGKILL mid-save")
+
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert checkpoint.resolve(tmp_path / "checkpoints").name == "step_00000001"
+    assert (tmp_path / "checkpoints" / ".tmp_step_00000002").exists()
+
+    # Crash 2: everything written, but the process dies before the rename.
+    monkeypatch.setattr(checkpoint.dist_checkpointing, "save", real_save)
+    real_replace = checkpoint.os.replace
+
+    def dying_replace(src, dst):
+        if Path(src).name.startswith(".tmp_step"):
+            raise KeyboardInterrupt("simulated SIGKILL before rename")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert checkpoint.resolve(tmp_path / "checkpoints").name == "step_00000001"
+    checkpoint.read_meta(tmp_path / "checkpoints" / "step_00000001")  # still complete
+
+    # The next save succeeds and clears the debris.
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    trainer.save()
+    assert checkpoint.resolve(tmp_path / "checkpoints").name == "step_00000002"
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+    trainer.close()
+
+
+def test_keep_last_n_checkpoints(tmp_path):
+    pretrain(tmp_path, ["train.train_iters=5", "train.save_interval=1", "train.keep_last=2"])
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000004", "step_00000005"]
