@@ -215,10 +215,33 @@ def _folder_source(spec: str, root: Path) -> Source:
 
 # --------------------------------------------------------------------------- streams
 
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor, rows: np.ndarray) -> None:
+    """dst[:] = src[rows] for sorted rows, one slice copy per run of consecutive rows
+    (runs are long: only padding and rare corrupt samples are left out; index_select is slow here)."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    start = 0
+    for run in np.split(rows, breaks):
+        dst[start:start + len(run)].copy_(src[int(run[0]):int(run[-1]) + 1])
+        start += len(run)
+
+
+@dataclass
+class Chunk:
+    """Samples decoded by one read. ``images`` may be a view of a reader's reusable buffer
+    (``owned=False``), copied out before the next read; ``rows`` picks the usable ones (None: all)."""
+    images: torch.Tensor
+    labels: torch.Tensor                     # labels of the usable samples
+    rows: Optional[np.ndarray] = None     # sorted
+    owned: bool = True
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 class SourceStream:
     """An endless stream of (image, label) samples of one source on one DP rank, read in chunks.
 
-    Subclasses implement ``_read_chunk`` (next decoded chunk, corrupt samples already removed),
+    Subclasses implement ``_read_chunk`` (next decoded chunk, corrupt samples left out),
     ``_position`` (an opaque, JSON-friendly position before the next chunk) and ``_seek``.
     Resume state = position before the current chunk + how many of its samples were consumed:
     re-reading that chunk reproduces it exactly because augmentation randomness is part of the position.
@@ -227,15 +250,14 @@ class SourceStream:
     def __init__(self, spec: str):
         self.spec = spec
         self.num_corrupt = 0
-        self._images: Optional[torch.Tensor] = None
-        self._labels: Optional[torch.Tensor] = None
+        self._chunk: Optional[Chunk] = None
         self._offset = 0
         self._chunk_start: tuple[Any, int] = (None, 0)
         self._empty_chunks = 0
         self._logged: set[str] = set()
 
     # -- implemented by subclasses
-    def _read_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_chunk(self) -> Chunk:
         raise NotImplementedError
 
     def _position(self) -> Any:
@@ -265,35 +287,44 @@ class SourceStream:
                 logger.warning("skipped corrupt sample %s in source %s (%d skipped so far)",
                                name, self.spec, self.num_corrupt)
 
-    def _advance(self) -> None:
-        while True:
+    def _ensure_chunk(self) -> Chunk:
+        """The current chunk, reading the next one when it is used up."""
+        while self._chunk is None or self._offset == len(self._chunk):
             self._chunk_start = (self._position(), self.num_corrupt)
-            self._images, self._labels = self._read_chunk()
+            self._chunk = self._read_chunk()
             self._offset = 0
-            if len(self._labels):
+            if len(self._chunk):
                 self._empty_chunks = 0
-                return
+                break
             self._empty_chunks += 1
             if self._empty_chunks > self._max_empty_chunks():
                 raise RuntimeError(f"data source {self.spec!r}: every sample of an epoch on this rank is "
                                    f"corrupt ({self.num_corrupt} skipped); check it with tools/make_shards.py")
+        return self._chunk
 
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = [], []
-        while n > 0:
-            if self._labels is None or self._offset == len(self._labels):
-                self._advance()
-            k = min(n, len(self._labels) - self._offset)
-            images.append(self._images[self._offset:self._offset + k])
-            labels.append(self._labels[self._offset:self._offset + k])
+        """The next ``n`` samples: images [n, C, H, W] and labels [n], copied once at most."""
+        chunk = self._ensure_chunk()
+        if self._offset == 0 and n == len(chunk) and chunk.owned and chunk.rows is None:
+            self._offset = n                     # hand over a whole owned chunk without a copy
+            return chunk.images, chunk.labels
+        images = chunk.images.new_empty((n, *chunk.images.shape[1:]))
+        labels, filled = [], 0
+        while filled < n:
+            chunk = self._ensure_chunk()         # a new read happens only after the last copy-out
+            k = min(n - filled, len(chunk) - self._offset)
+            dst = images[filled:filled + k]
+            if chunk.rows is None:
+                dst.copy_(chunk.images[self._offset:self._offset + k])
+            else:
+                _copy_rows(dst, chunk.images, chunk.rows[self._offset:self._offset + k])
+            labels.append(chunk.labels[self._offset:self._offset + k])
             self._offset += k
-            n -= k
-        if len(images) == 1:
-            return images[0], labels[0]
-        return torch.cat(images), torch.cat(labels)
+            filled += k
+        return images, labels[0] if len(labels) == 1 else torch.cat(labels)
 
     def state_dict(self) -> dict:
-        if self._labels is None or self._offset == len(self._labels):
+        if self._chunk is None or self._offset == len(self._chunk):
             return {"position": self._position(), "offset": 0, "num_corrupt": self.num_corrupt}
         position, corrupt = self._chunk_start
         return {"position": position, "offset": self._offset, "num_corrupt": corrupt}
@@ -301,10 +332,10 @@ class SourceStream:
     def load_state_dict(self, state: dict) -> None:
         self._seek(state["position"])
         self.num_corrupt = int(state["num_corrupt"])
-        self._images = self._labels = None
+        self._chunk = None
         self._offset = 0
         if state["offset"]:
-            self._advance()
+            self._ensure_chunk()
             self._offset = int(state["offset"])
 
 
@@ -330,7 +361,7 @@ class SyntheticStream(SourceStream):
     def _seek(self, position: int) -> None:
         self._chunk_index = int(position)
 
-    def _read_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_chunk(self) -> Chunk:
         m = self.cfg.model
         gen = torch.Generator().manual_seed(derive_seed(self._seed, self._chunk_index))
         self._chunk_index += 1
@@ -339,7 +370,7 @@ class SyntheticStream(SourceStream):
         images = F.interpolate(images, size=(m.image_size, m.image_size), mode="bilinear",
                                align_corners=False).clamp_(0, 1)
         normalize_(images, *self.cfg.data.normalization(m.in_channels))
-        return images, torch.full((self.chunk_size,), -1, dtype=torch.int64)
+        return Chunk(images, torch.full((self.chunk_size,), -1, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------- loaders
@@ -407,7 +438,7 @@ class ImageLoader:
                 if images is None:
                     images = part_images.new_empty((self.micro_batch_size, *part_images.shape[1:]))
                     labels = torch.empty(self.micro_batch_size, dtype=torch.int64)
-                images[rows.to(images.device)] = part_images
+                images.index_copy_(0, rows.to(images.device), part_images)
                 labels[rows] = part_labels
         self.microbatch += 1
         return {"images": images, "prefix_len": prefix_lengths(self.cfg.train.seed, positions, self.cfg.model),
@@ -503,7 +534,7 @@ def build_loader(cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int)
 
 
 __all__ = [
-    "Source", "SourceStream", "SyntheticStream", "ImageLoader", "SyntheticLoader", "build_loader",
+    "Source", "Chunk", "SourceStream", "SyntheticStream", "ImageLoader", "SyntheticLoader", "build_loader",
     "select_loader_kind", "dali_available", "prefix_lengths", "microbatch_prefix_lengths",
     "sample_positions", "assign_sources", "shard_bounds", "resolve_source", "hash_uniform", "derive_seed",
     "normalize_",

@@ -32,7 +32,7 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from aim_megatron.config import Config
-from aim_megatron.data import ImageLoader, Source, SourceStream, derive_seed, shard_bounds
+from aim_megatron.data import Chunk, ImageLoader, Source, SourceStream, derive_seed, shard_bounds
 from aim_megatron.data_shards import IMAGE_EXTENSIONS, parse_label
 
 logger = logging.getLogger(__name__)
@@ -88,8 +88,11 @@ def _image_pipeline(source: Source, placement: DaliPlacement, cfg: Config, shard
         outs = fn.readers.webdataset(paths=source.tars, index_paths=index_paths, ext=exts,
                                      missing_component_behavior="empty", case_sensitive_extensions=False,
                                      **reader_args)
-        raw = outs[0]
-        label = outs[1] if source.has_labels else raw.shape()  # unused placeholder output
+        if source.has_labels:
+            raw, label = outs
+        else:  # one output comes back as a node, not a list
+            raw = outs
+            label = raw.shape()  # placeholder output, ignored
     else:
         # Plain reads: mmap fails on empty files, which must count as corrupt instead.
         raw, label = fn.readers.file(files=source.files, labels=source.labels, dont_use_mmap=True,
@@ -180,7 +183,7 @@ class DaliStream(SourceStream):
     def _seek(self, position: dict) -> None:
         self._build(base64.b64decode(position["checkpoint"]), int(position["batches_run"]))
 
-    def _read_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_chunk(self) -> Chunk:
         images_tl, labels_tl, valid_tl, info_tl = self._pipe.run()
         first = self._batches_run * self.batch_size
         self._batches_run += 1
@@ -190,15 +193,18 @@ class DaliStream(SourceStream):
         bad = np.flatnonzero(real & ~valid)
         if len(bad):
             self.report_corrupt([bytes(np.asarray(info_tl[int(i)])).decode(errors="replace") for i in bad])
-        keep = torch.from_numpy(np.flatnonzero(real & valid))
-
+        keep = np.flatnonzero(real & valid)
+        labels = self._labels_of(labels_tl)[torch.from_numpy(keep)]
         dense = images_tl.as_tensor()
-        device = "cpu" if self.placement.ops == "cpu" else f"cuda:{self.placement.device_id}"
-        images = torch.empty(list(dense.shape()), dtype=torch.float32, device=device)
-        # Copy out: DALI reuses its buffers. On GPU, on torch's current stream so the trainer sees it.
-        feed_ndarray(dense, images, cuda_stream=torch.cuda.current_stream() if device != "cpu" else None)
-        labels = self._labels_of(labels_tl)
-        return images[keep.to(device)], labels[keep]
+        if self.placement.ops == "cpu":
+            # Zero-copy view of DALI's output buffer; take() copies it out before the next run().
+            images, owned = torch.from_dlpack(dense), False
+        else:
+            images = torch.empty(list(dense.shape()), dtype=torch.float32, device=f"cuda:{self.placement.device_id}")
+            feed_ndarray(dense, images, cuda_stream=torch.cuda.current_stream())  # on torch's stream
+            owned = True
+        rows = None if len(keep) == self.batch_size else keep
+        return Chunk(images, labels, rows, owned)
 
     def _labels_of(self, labels_tl) -> torch.Tensor:
         if self.source.kind == "folder":

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from aim_megatron.config import Config
-from aim_megatron.data import ImageLoader, Source, SourceStream, derive_seed, shard_bounds
+from aim_megatron.data import Chunk, ImageLoader, Source, SourceStream, derive_seed, shard_bounds
 from aim_megatron.data_shards import IMAGE_EXTENSIONS, parse_label, read_wds_index, scan_tar
 
 _RATIO = (3 / 4, 4 / 3)
@@ -212,7 +212,7 @@ class TorchStream(SourceStream):
         self.close()
         self._next = (int(position[0]), int(position[1]))
 
-    def _read_chunk(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_chunk(self) -> Chunk:
         if self._iter is None:
             workers = self.cfg.data.num_workers
             sampler = _EpochBatches(self.lo, self.hi, self.batch_size, self._seed, self.cfg.data.shuffle,
@@ -226,7 +226,7 @@ class TorchStream(SourceStream):
         self._next = (epoch + 1, 0) if batch == self._batches_per_epoch else (epoch, batch)
         if chunk["corrupt"]:
             self.report_corrupt(chunk["corrupt"])
-        return chunk["images"], chunk["labels"]
+        return Chunk(chunk["images"], chunk["labels"])
 
     def close(self) -> None:
         self._iter = None  # drops the DataLoader iterator, which shuts its workers down

@@ -171,6 +171,13 @@ def test_batch_contract_on_fashion_mnist_shards(kind, indexed):
         assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and pixels.std() > 0.1
 
 
+def test_unlabelled_shards_give_label_minus_one(kind, tmp_path):
+    images, _ = fashion_mnist("test")
+    shards_from_arrays(images[:10], None, tmp_path, progress=False)
+    batch = next(build_loader(make_cfg([tmp_path], kind, 4, extra=GRAY28), 0, 1, 4))
+    assert batch["labels"].tolist() == [-1] * 4 and batch["images"].shape == (4, 1, 28, 28)
+
+
 def test_real_jpegs_decode_in_rgb_and_gray(kind, real_folder):
     root, files = real_folder
     good = len(files["good"])

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Images/s of the DALI loader vs the torch/PIL fallback, in the same run, on the same shards.
+
+    python benchmarks/data_throughput.py                       # real JPEG photos from the Debian packages
+    python benchmarks/data_throughput.py --source shards/in1k --batch 128 --workers 8
+
+Both loaders run the training path: decode, RandomResizedCrop(224, 0.4-1.0, bicubic), horizontal flip,
+normalize to float CHW (``--color-jitter`` adds ColorJitter), micro-batch ``--batch``, ``--workers``
+threads/processes. By default the photos of scripts/install_data.sh are re-encoded once to at most
+``--max-side`` pixels (ImageNet-like sizes) into shards under ``--data-dir``. DALI runs on the GPU
+("mixed" decode) when CUDA is available, and on the CPU in any case.
+Also prints the images/s per GPU that aim-600M needs at 45% MFU on an H100.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from aim_megatron.config import load_config  # noqa: E402
+from aim_megatron.data import dali_available  # noqa: E402
+
+# aim-600M pre-training (FACTS section 1): 256 patch tokens, trunk + prediction head.
+H100_BF16_PEAK = 989e12
+MFU = 0.45
+TRUNK_PARAMS, HEAD_PARAMS = 0.681e9, 0.41e9
+SEQ, LAYERS, WIDTH = 256, 24, 1536
+
+
+def flops_per_image() -> tuple[float, str]:
+    dense = 6 * (TRUNK_PARAMS + HEAD_PARAMS) * SEQ
+    attention = 12 * LAYERS * SEQ ** 2 * WIDTH
+    text = (f"FLOPs/image = 6 * P * s + 12 * L * s^2 * D\n"
+            f"            = 6 * ({TRUNK_PARAMS:.3g} + {HEAD_PARAMS:.3g}) * {SEQ} + 12 * {LAYERS} * {SEQ}^2 * {WIDTH}\n"
+            f"            = {dense:.4g} + {attention:.4g} = {dense + attention:.4g}")
+    return dense + attention, text
+
+
+def build_bench_shards(data_dir: Path, max_side: int, copies: int) -> tuple[Path, str]:
+    """The Debian photos re-encoded once to ``max_side``, written ``copies`` times (a bigger epoch keeps
+    DALI's end-of-epoch padding, at most one batch per epoch, from skewing the numbers)."""
+    from aim_megatron.data_samples import real_photo_files
+    from aim_megatron.data_shards import ShardWriter, iter_tar_images, shards_from_folder
+
+    base = data_dir / f"photos_max{max_side}"
+    if not (base / "manifest.json").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, path in enumerate(real_photo_files()):  # flat folder of links: no class labels
+                os.symlink(path, Path(tmp) / f"{i:04d}{path.suffix.lower()}")
+            shards_from_folder(tmp, base, samples_per_shard=64, max_side=max_side,
+                               workers=os.cpu_count() or 1, progress=True)
+    manifest = json.loads((base / "manifest.json").read_text())
+    out = data_dir / f"photos_max{max_side}_x{copies}"
+    if not (out / "manifest.json").is_file():
+        samples = [data for s in manifest["shards"] for _, data, _ in iter_tar_images(base / s["tar"])]
+        with ShardWriter(out, samples_per_shard=256) as writer:
+            for _ in range(copies):
+                for data in samples:
+                    writer.write(data, "jpg")
+            shards = writer.close()
+        (out / "manifest.json").write_text(json.dumps({"shards": shards, "classes": []}))
+    return out, f"{copies} x {manifest['num_samples']} real photos re-encoded to <= {max_side} px"
+
+
+def measure(kind: str, source: str, args, dali_device: str = "cpu") -> dict:
+    """Build a loader, drain its prefetch queue (warm-up), then time steady-state batches."""
+    from aim_megatron.data import build_loader
+
+    cfg = load_config(None, [
+        f"data.train_sources=[{source}]", f"data.loader={kind}", f"data.num_workers={args.workers}",
+        f"data.dali_device={dali_device}", f"data.color_jitter={str(args.color_jitter).lower()}",
+        f"model.image_size={args.image_size}", "model.patch_size=14", "model.in_channels=3",
+        f"train.micro_batch_size={args.batch}", f"train.global_batch_size={args.batch}"])
+    loader = build_loader(cfg, 0, 1, args.batch)
+    for _ in range(args.warmup):
+        batch = next(loader)
+    sync = torch.cuda.synchronize if batch["images"].is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        batch = next(loader)
+    sync()
+    seconds = time.perf_counter() - start
+    assert batch["images"].shape == (args.batch, 3, args.image_size, args.image_size)
+    loader.close()
+    del loader
+    return {"seconds": seconds, "images_per_s": args.batches * args.batch / seconds,
+            "device": "cuda" if batch["images"].is_cuda else "cpu"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help="shards or image folder (default: real photos, built once)")
+    p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "aim_megatron_bench"))
+    p.add_argument("--max-side", type=int, default=500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=15, help="timed micro-batches per loader and round")
+    p.add_argument("--warmup", type=int, default=10, help="untimed batches; > the prefetch depth")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--copies", type=int, default=8, help="copies of the photo set in the default shards")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--color-jitter", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    if args.source:
+        source, described = args.source, args.source
+    else:
+        path, described = build_bench_shards(Path(args.data_dir), args.max_side, args.copies)
+        source = str(path)
+    variants = [("torch", "torch", "cpu")]
+    if dali_available():
+        variants.append(("dali-cpu", "dali", "cpu"))
+        if torch.cuda.is_available():
+            variants.append(("dali-gpu", "dali", "gpu"))
+    else:
+        print("NVIDIA DALI is not importable: only the fallback is measured (pip install nvidia-dali-cuda130==2.4.0)")
+    # Rounds alternate the loaders (one alive at a time) so background load hits them alike.
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+    for r in range(args.rounds):
+        for name, kind, device in variants:
+            runs[name].append(measure(kind, source, args, device))
+            print(f"round {r + 1}/{args.rounds} {name:<9} {runs[name][-1]['images_per_s']:7.1f} images/s", flush=True)
+    rows = []
+    for name, _, _ in variants:
+        rates = sorted(x["images_per_s"] for x in runs[name])
+        rows.append({"loader": name, "device": runs[name][0]["device"], "workers": args.workers,
+                     "images": args.batches * args.batch, "rounds": rates, "images_per_s": rates[len(rates) // 2]})
+    base = rows[0]["images_per_s"]
+    print(f"\nsource: {described}; {os.cpu_count()} CPU cores; batch {args.batch}; {args.batches} timed batches "
+          f"after {args.warmup} warm-up, median of {args.rounds} rounds; RandomResizedCrop {args.image_size} "
+          f"bicubic + flip{' + color jitter' if args.color_jitter else ''} + normalize")
+    print(f"{'loader':<10} {'device':<6} {'workers':>7} {'images':>7} {'images/s (median)':>18} "
+          f"{'all rounds':>24} {'vs fallback':>12}")
+    for r in rows:
+        r["ratio"] = r["images_per_s"] / base
+        rounds = " ".join(f"{x:.0f}" for x in r["rounds"])
+        print(f"{r['loader']:<10} {r['device']:<6} {r['workers']:>7} {r['images']:>7} {r['images_per_s']:>18.1f} "
+              f"{rounds:>24} {r['ratio']:>11.2f}x")
+
+    flops, formula = flops_per_image()
+    need = MFU * H100_BF16_PEAK / flops
+    print(f"\nTo feed aim-600M at {MFU:.0%} MFU on one H100 ({H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16 peak):")
+    print(formula)
+    print(f"images/s per GPU = {MFU} * {H100_BF16_PEAK:.3g} / {flops:.4g} = {need:.0f}")
+    for r in rows:
+        per_worker = r["images_per_s"] / r["workers"]
+        print(f"  {r['loader']}: {r['images_per_s']:.0f} images/s here with {r['workers']} workers; one GPU needs "
+              f"~{need / per_worker:.1f} such workers (cores) at this rate")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "flops_per_image": flops,
+                                               "needed_images_per_s_per_gpu": need}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
