@@ -113,6 +113,12 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{meta_file} is corrupt ({exc}); resume from an older checkpoint") from exc
 
 
+def config_from_checkpoint(path: Path, overrides: Optional[list[str]] = None) -> Config:
+    """The config a checkpoint was trained with, plus ``section.key=value`` overrides."""
+    from .config import apply_overrides, config_from_dict
+    return config_from_dict(apply_overrides(read_meta(path)["config"], overrides or []))
+
+
 # --------------------------------------------------------------------------- compatibility
 
 # Fields that change what the checkpoint means; anything else (lr, iterations, intervals,

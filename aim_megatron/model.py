@@ -31,6 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .config import Config, ModelConfig
 
@@ -294,6 +295,19 @@ class PredictionHead(MegatronModule):
         for module in (self.in_proj, self.norm, self.out_proj):
             for p in module.parameters():
                 setattr(p, "sequence_parallel", config.sequence_parallel)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        # A plain ModuleList would be checkpointed as replicated; its layers are TP-sharded.
+        state = {}
+        for name, module in self.named_children():
+            if name == "blocks":
+                for i, block in enumerate(module):
+                    state.update(block.sharded_state_dict(f"{prefix}blocks.{i}.", sharded_offsets, metadata))
+            else:
+                state.update(sharded_state_dict_default(
+                    module, f"{prefix}{name}.", sharded_offsets, metadata,
+                    tp_group=parallel_state.get_tensor_model_parallel_group()))
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pos = self.pos

@@ -1,0 +1,97 @@
+"""Forward+backward throughput of AIM on megatron-core (TP=1) vs a plain-PyTorch AIM of identical
+shape and weights, measured in the same run. Target: megatron >= 0.95x the plain reference.
+
+    python benchmarks/trunk_throughput.py [--preset aim-base-cpu] [--batch 32] [--iters 10]
+
+Rows: the trunk alone (patch embedding + blocks, prefix-causal) and the whole pre-training model
+(trunk + head + loss). Timings alternate between the two implementations in rounds and report
+the median, so drift in machine load hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aim_megatron import parallel  # noqa: E402
+from aim_megatron.config import load_config  # noqa: E402
+from aim_megatron.model import loss_mask, prefix_causal_mask  # noqa: E402
+from aim_megatron.reference import ReferenceAIM, megatron_to_reference, prefix_causal_allowed  # noqa: E402
+
+
+def timed(fn, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="aim-base-cpu")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=5, help="iterations per timing round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = load_config(None, [f"model.preset={args.preset}", f"train.micro_batch_size={args.batch}",
+                             f"train.global_batch_size={args.batch}"])
+    parallel.initialize(cfg)
+    (ours,) = parallel.build_model(cfg, wrap_ddp=False)
+    ref = ReferenceAIM(cfg.model)
+    ref.load_state_dict(megatron_to_reference(parallel.gather_full_state_dict([ours]), cfg.model))
+
+    m = cfg.model
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, m.in_channels, m.image_size, m.image_size, generator=g)
+    lo, hi = m.prefix_range
+    prefix = torch.randint(lo, hi + 1, (args.batch,), generator=g)
+    mask = loss_mask(prefix, m.num_patches)
+
+    def ours_trunk():
+        h = ours.trunk(ours.embed(images), attention_mask=prefix_causal_mask(prefix, m.num_patches))
+        h.float().square().mean().backward()
+
+    def ref_trunk():
+        x = ref.trunk(ref.preprocessor(images), prefix_causal_allowed(prefix, m.num_patches))
+        x.square().mean().backward()
+
+    def ours_full():
+        ((ours(images, prefix) * mask).sum() / mask.sum()).backward()
+
+    def ref_full():
+        ((ref(images, prefix) * mask).sum() / mask.sum()).backward()
+
+    rows = []
+    for label, a, b in (("trunk", ours_trunk, ref_trunk), ("trunk+head+loss", ours_full, ref_full)):
+        for fn in (a, b):  # warm-up
+            timed(fn, 2)
+        t_ours, t_ref = [], []
+        for _ in range(args.rounds):
+            t_ours.append(timed(a, args.iters))
+            t_ref.append(timed(b, args.iters))
+        rows.append((label, statistics.median(t_ours), statistics.median(t_ref)))
+
+    tokens = args.batch * m.num_patches
+    print(f"\nAIM {args.preset}: {m.num_layers} layers, width {m.hidden_size}, {m.num_patches} patches, "
+          f"batch {args.batch}, fp32, {torch.get_num_threads()} threads, forward+backward\n")
+    print(f"| part | impl | ms/iter | images/s | tokens/s | megatron / plain |")
+    print(f"|---|---|---:|---:|---:|---:|")
+    for label, t_ours, t_ref in rows:
+        for impl, t in (("megatron-core TP=1", t_ours), ("plain PyTorch", t_ref)):
+            ratio = f"{t_ref / t_ours:.3f}x" if impl.startswith("megatron") else ""
+            print(f"| {label} | {impl} | {t * 1e3:.1f} | {args.batch / t:,.0f} | {tokens / t:,.0f} | {ratio} |")
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()
