@@ -379,6 +379,32 @@ class AIMModel(MegatronModule):
         return next_patch_errors(pred, normalized_targets(images, self.model_cfg.patch_size))
 
 
+    @torch.no_grad()
+    def block_features(self, images: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """Frozen-trunk features for probing: the mean of the raw outputs (before the post-trunk
+        norm) of the 0-based trunk ``layers``, with full bidirectional attention. [b, N, D].
+        Needs the whole trunk on this rank (pipeline size 1); TP/SP work as in training."""
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("block_features needs pipeline size 1; load the checkpoint with "
+                               "parallel.pp=1 (any saved layout can be loaded)")
+        bad = [i for i in layers if not 0 <= i < len(self.trunk.layers)]
+        if bad:
+            raise ValueError(f"probe layers {bad} do not exist: the trunk has blocks "
+                             f"0..{len(self.trunk.layers) - 1}")
+        hidden, total = self.embed(images), None
+        for i, layer in enumerate(self.trunk.layers):
+            hidden, _ = layer(hidden, attention_mask=None)
+            if i in layers:
+                total = hidden if total is None else total + hidden
+            if i >= max(layers):
+                break
+        total = total / len(set(layers))
+        if self.config.sequence_parallel:
+            total = tensor_parallel.gather_from_sequence_parallel_region(
+                total, tensor_parallel_output_grad=False)
+        return total.transpose(0, 1).float()
+
+
 def build_model_chunk(cfg: Config, backend: str, vp_stage: Optional[int] = None) -> AIMModel:
     """The chunk of AIM this rank holds for virtual stage ``vp_stage`` (None without VP)."""
     trunk_config, head_config = transformer_configs(cfg)

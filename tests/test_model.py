@@ -216,3 +216,15 @@ def test_loss_is_finite_and_near_one_at_init():
     loss = masked_mean(model(images, prefix), prefix, cfg.model.num_patches)
     # Predictions start near zero and targets are unit-variance per patch.
     assert math.isfinite(loss.item()) and 0.5 < loss.item() < 2.0
+
+
+def test_block_features_match_reference_block_outputs():
+    cfg, model = build()
+    ref = ReferenceAIM(cfg.model)
+    ref.load_state_dict(megatron_to_reference(parallel.gather_full_state_dict([model]), cfg.model))
+    images, _ = batch(cfg)
+    _, blocks = ref.features(images)
+    ours = model.block_features(images, [1, 3])
+    torch.testing.assert_close(ours, (blocks[1] + blocks[3]) / 2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="do not exist"):
+        model.block_features(images, [7])
