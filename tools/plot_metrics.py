@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Plot a run's training and validation loss (and lr) from its metrics.jsonl to a PNG.
+
+    python tools/plot_metrics.py runs/demo [--out runs/demo/loss_curve.png]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} an aim-pretrain train.output_dir?")
+    train, val = [], []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        (val if "val_loss" in rec else train).append(rec)
+    # A resumed run appends: keep the last record of each step.
+    dedup = lambda recs: sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])
+    return dedup(train), dedup(val)
+
+
+def plot(run_dir: Path, out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = read_metrics(run_dir)
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True,
+                                    gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1.2)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_ylabel("normalized-pixel MSE (non-prefix patches)")
+    ax.set_title(f"AIM pre-training: {Path(run_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:gray")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        out = plot(args.run_dir, args.out or args.run_dir / "loss_curve.png")
+    except FileNotFoundError as exc:
+        print(f"plot_metrics: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
