@@ -349,10 +349,10 @@ def normalize_(images: torch.Tensor, mean: list[float], std: list[float]) -> tor
 class SyntheticStream(SourceStream):
     """Seeded random smooth images (low-resolution noise, bilinearly upsampled); labels -1."""
 
-    def __init__(self, cfg: Config, source_id: int, dp_rank: int, chunk_size: int):
+    def __init__(self, cfg: Config, source_id: int, dp_rank: int, chunk_size: int, train: bool = True):
         super().__init__("synthetic")
         self.cfg, self.chunk_size = cfg, chunk_size
-        self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
+        self._seed = derive_seed(cfg.train.seed, source_id, dp_rank, int(not train))  # val != train images
         self._chunk_index = 0
 
     def _position(self) -> int:
@@ -382,22 +382,29 @@ class ImageLoader:
 
     kind = "base"
 
-    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int):
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int, split: str = "train"):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}: use 'train' or 'val'")
         d = cfg.data
-        if d.train_weights is not None and len(d.train_weights) != len(d.train_sources):
-            raise ValueError(f"data.train_weights has {len(d.train_weights)} values for "
-                             f"{len(d.train_sources)} data.train_sources; give one weight per source")
-        if d.train_weights is not None and not all(w > 0 for w in d.train_weights):
-            raise ValueError(f"data.train_weights={d.train_weights}: weights must be positive")
+        specs = d.train_sources if split == "train" else d.val_sources
+        if not specs:
+            raise ValueError(f"data.{split}_sources is empty; name shards, an image folder or 'synthetic'")
+        weights = d.train_weights if split == "train" else None
+        if weights is not None and len(weights) != len(specs):
+            raise ValueError(f"data.train_weights has {len(weights)} values for "
+                             f"{len(specs)} data.train_sources; give one weight per source")
+        if weights is not None and not all(w > 0 for w in weights):
+            raise ValueError(f"data.train_weights={weights}: weights must be positive")
         # Fail now, not at step N, when positions cannot be laid out.
         sample_positions(0, dp_rank, dp_size, micro_batch_size, cfg.train.global_batch_size)
         self.cfg, self.dp_rank, self.dp_size, self.micro_batch_size = cfg, dp_rank, dp_size, micro_batch_size
-        self.weights = list(d.train_weights) if d.train_weights is not None else [1.0] * len(d.train_sources)
-        self.sources = [resolve_source(spec) for spec in d.train_sources]
+        self.split, self.train = split, split == "train"
+        self.weights = list(weights) if weights is not None else [1.0] * len(specs)
+        self.sources = [resolve_source(spec) for spec in specs]
         for src in self.sources:
             if src.kind != "synthetic" and src.num_samples < dp_size:
                 raise ValueError(f"data source {src.spec!r} has {src.num_samples} samples, fewer than the "
@@ -405,7 +412,7 @@ class ImageLoader:
         self.streams: list[SourceStream] = []
         try:
             for i, src in enumerate(self.sources):
-                self.streams.append(SyntheticStream(cfg, i, dp_rank, micro_batch_size)
+                self.streams.append(SyntheticStream(cfg, i, dp_rank, micro_batch_size, self.train)
                                     if src.kind == "synthetic" else self._make_stream(src, i))
         except BaseException:
             self.close()
@@ -445,7 +452,7 @@ class ImageLoader:
                 "labels": labels}
 
     def _identity(self) -> dict:
-        return {"kind": self.kind, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
+        return {"kind": self.kind, "split": self.split, "dp_rank": self.dp_rank, "dp_size": self.dp_size,
                 "micro_batch_size": self.micro_batch_size, "seed": self.cfg.train.seed,
                 "global_batch_size": self.cfg.train.global_batch_size,
                 "sources": [s.spec for s in self.sources], "weights": self.weights}
@@ -484,7 +491,7 @@ class ImageLoader:
 
 
 class SyntheticLoader(ImageLoader):
-    """``data.train_sources=["synthetic"]``: seeded random images, labels -1."""
+    """Sources ``["synthetic"]``: seeded random images, labels -1."""
     kind = "synthetic"
 
 
@@ -512,25 +519,31 @@ def select_loader_kind(requested: str = "auto") -> str:
     return "torch"
 
 
-def build_loader(cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int) -> ImageLoader:
-    """The training loader for one data-parallel rank, per ``data.loader``; logs which one it is."""
-    if all(s == "synthetic" for s in cfg.data.train_sources):
-        logger.info("data loader: synthetic images (data.train_sources=%s)", cfg.data.train_sources)
-        return SyntheticLoader(cfg, dp_rank, dp_size, micro_batch_size)
+def build_loader(cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int,
+                 split: str = "train") -> ImageLoader:
+    """The loader of one data-parallel rank, per ``data.loader``; logs which one it is.
+
+    split="train" reads ``data.train_sources`` with the training augmentation; split="val" reads
+    ``data.val_sources`` in stored order with a deterministic center crop (resize the shorter side to
+    image_size, bicubic) and no flip or jitter. Both are endless and resumable."""
+    specs = cfg.data.train_sources if split == "train" else cfg.data.val_sources
+    if specs and all(s == "synthetic" for s in specs):
+        logger.info("data loader (%s): synthetic images", split)
+        return SyntheticLoader(cfg, dp_rank, dp_size, micro_batch_size, split=split)
     kind = select_loader_kind(cfg.data.loader)
     if kind == "dali":
         from aim_megatron.data_dali import DaliImageLoader, select_dali_placement
         import nvidia.dali
         placement = select_dali_placement(cfg.data.dali_device)
-        logger.info("data loader: NVIDIA DALI %s (%s) for %s", nvidia.dali.__version__, placement.describe(),
-                    cfg.data.train_sources)
-        return DaliImageLoader(cfg, dp_rank, dp_size, micro_batch_size, placement=placement)
+        logger.info("data loader (%s): NVIDIA DALI %s (%s) for %s", split, nvidia.dali.__version__,
+                    placement.describe(), specs)
+        return DaliImageLoader(cfg, dp_rank, dp_size, micro_batch_size, split=split, placement=placement)
     from aim_megatron.data_torch import TorchImageLoader
     reason = "data.loader=torch" if cfg.data.loader == "torch" else \
         f"NVIDIA DALI is not importable ({DALI_INSTALL_HINT} to use it)"
-    logger.info("data loader: torch/PIL fallback with %d workers (%s) for %s", cfg.data.num_workers, reason,
-                cfg.data.train_sources)
-    return TorchImageLoader(cfg, dp_rank, dp_size, micro_batch_size)
+    logger.info("data loader (%s): torch/PIL fallback with %d workers (%s) for %s", split,
+                cfg.data.num_workers, reason, specs)
+    return TorchImageLoader(cfg, dp_rank, dp_size, micro_batch_size, split=split)
 
 
 __all__ = [

@@ -78,10 +78,11 @@ _ZEROS = np.zeros(12, dtype=np.uint8)
 
 
 @pipeline_def(enable_conditionals=True)
-def _image_pipeline(source: Source, placement: DaliPlacement, cfg: Config, shard_id: int, num_shards: int):
+def _image_pipeline(source: Source, placement: DaliPlacement, cfg: Config, shard_id: int, num_shards: int,
+                    train: bool = True):
     d, m = cfg.data, cfg.model
     reader_args = dict(name=READER_NAME, shard_id=shard_id, num_shards=num_shards, stick_to_shard=True,
-                       pad_last_batch=True, random_shuffle=d.shuffle, initial_fill=d.shuffle_buffer)
+                       pad_last_batch=True, random_shuffle=d.shuffle and train, initial_fill=d.shuffle_buffer)
     if source.kind == "wds":
         exts = [";".join(IMAGE_EXTENSIONS)] + (["cls"] if source.has_labels else [])
         index_paths = source.indices if all(source.indices) else None
@@ -113,8 +114,17 @@ def _image_pipeline(source: Source, placement: DaliPlacement, cfg: Config, shard
         encoded = types.Constant(_PLACEHOLDER)
 
     gray = m.in_channels == 1
+    output_type = types.GRAY if gray else types.RGB
+    mean, std = d.normalization(m.in_channels)
+    norm = dict(dtype=types.FLOAT, output_layout="CHW", mean=[255.0 * x for x in mean], std=[255.0 * x for x in std])
+    if not train:  # evaluation: shorter side to image_size (bicubic), center crop
+        images = fn.decoders.image(encoded, device=placement.decoder, output_type=output_type)
+        images = fn.resize(images, resize_shorter=m.image_size, interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.crop_mirror_normalize(images, crop=(m.image_size, m.image_size), crop_pos_x=0.5,
+                                          crop_pos_y=0.5, **norm)
+        return images, label, valid, info
     images = fn.decoders.image_random_crop(
-        encoded, device=placement.decoder, output_type=types.GRAY if gray else types.RGB,
+        encoded, device=placement.decoder, output_type=output_type,
         random_area=[d.crop_scale_min, d.crop_scale_max], random_aspect_ratio=[3 / 4, 4 / 3],
         num_attempts=10)
     images = fn.resize(images, size=[m.image_size, m.image_size], interp_type=types.INTERP_CUBIC,
@@ -131,10 +141,8 @@ def _image_pipeline(source: Source, placement: DaliPlacement, cfg: Config, shard
             hue = on * fn.random.uniform(range=[-36.0, 36.0])  # 0.1 of the hue circle, in degrees
             images = fn.color_twist(images, brightness=brightness, contrast=contrast,
                                     saturation=saturation, hue=hue)
-    mean, std = d.normalization(m.in_channels)
     mirror = fn.random.coin_flip(probability=0.5) if d.hflip else 0
-    images = fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
-                                      mean=[255.0 * x for x in mean], std=[255.0 * x for x in std])
+    images = fn.crop_mirror_normalize(images, mirror=mirror, **norm)
     return images, label, valid, info
 
 
@@ -142,9 +150,10 @@ class DaliStream(SourceStream):
     """One source on one DP rank through a DALI pipeline whose batch is the micro-batch size."""
 
     def __init__(self, cfg: Config, source: Source, source_id: int, dp_rank: int, dp_size: int,
-                 batch_size: int, placement: DaliPlacement):
+                 batch_size: int, placement: DaliPlacement, train: bool = True):
         super().__init__(source.spec)
         self.cfg, self.source, self.batch_size, self.placement = cfg, source, batch_size, placement
+        self.train = train
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
         lo, hi = shard_bounds(source.num_samples, dp_rank, dp_size)
@@ -155,7 +164,7 @@ class DaliStream(SourceStream):
     def _build(self, checkpoint: Optional[bytes], batches_run: int) -> None:
         self.close()
         self._pipe = _image_pipeline(
-            self.source, self.placement, self.cfg, self.dp_rank, self.dp_size,
+            self.source, self.placement, self.cfg, self.dp_rank, self.dp_size, self.train,
             batch_size=self.batch_size, num_threads=max(1, self.cfg.data.num_workers),
             device_id=self.placement.device_id, seed=self._seed, enable_checkpointing=True,
             checkpoint=checkpoint, prefetch_queue_depth=2)
@@ -224,11 +233,11 @@ class DaliImageLoader(ImageLoader):
     """The training loader on NVIDIA DALI (see module docstring)."""
     kind = "dali"
 
-    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int,
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int, split: str = "train",
                  placement: Optional[DaliPlacement] = None):
         self.placement = placement or select_dali_placement(cfg.data.dali_device)
-        super().__init__(cfg, dp_rank, dp_size, micro_batch_size)
+        super().__init__(cfg, dp_rank, dp_size, micro_batch_size, split)
 
     def _make_stream(self, source: Source, source_id: int) -> SourceStream:
         return DaliStream(self.cfg, source, source_id, self.dp_rank, self.dp_size, self.micro_batch_size,
-                          self.placement)
+                          self.placement, self.train)

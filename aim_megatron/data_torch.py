@@ -61,15 +61,20 @@ def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def augment(img: Image.Image, rng: np.random.Generator, cfg: Config) -> torch.Tensor:
-    """Decoded PIL image -> normalized float32 [C, S, S] (RandomResizedCrop bicubic, jitter, flip)."""
+def augment(img: Image.Image, rng: np.random.Generator, cfg: Config, train: bool = True) -> torch.Tensor:
+    """Decoded PIL image -> normalized float32 [C, S, S]. Training: RandomResizedCrop (bicubic), jitter,
+    flip. Evaluation: the centered square of side min(w, h) resized to S (= shorter side to S + center crop)."""
     d, m = cfg.data, cfg.model
     img = img.convert("L" if m.in_channels == 1 else "RGB")
-    left, top, w, h = random_resized_crop_box(img.width, img.height, (d.crop_scale_min, d.crop_scale_max), rng)
+    if train:
+        left, top, w, h = random_resized_crop_box(img.width, img.height, (d.crop_scale_min, d.crop_scale_max), rng)
+    else:
+        w = h = min(img.width, img.height)
+        left, top = (img.width - w) / 2, (img.height - h) / 2
     img = img.resize((m.image_size, m.image_size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-    if d.color_jitter and rng.random() < 0.8:
+    if train and d.color_jitter and rng.random() < 0.8:
         img = color_jitter(img, rng)
-    if d.hflip and rng.random() < 0.5:
+    if train and d.hflip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).reshape(m.image_size, m.image_size, m.in_channels))
     mean, std = d.normalization(m.in_channels)
@@ -136,8 +141,8 @@ class SampleTable:
 class _DecodeDataset(torch.utils.data.Dataset):
     """Key (epoch, batch, sample) -> (image tensor or None if corrupt, label, name, epoch, batch)."""
 
-    def __init__(self, table: SampleTable, cfg: Config, seed: int):
-        self.table, self.cfg, self.seed = table, cfg, seed
+    def __init__(self, table: SampleTable, cfg: Config, seed: int, train: bool):
+        self.table, self.cfg, self.seed, self.train = table, cfg, seed, train
 
     def __len__(self) -> int:
         return len(self.table)
@@ -150,7 +155,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
             try:
                 with Image.open(io.BytesIO(data)) as img:
                     img.load()
-                    image = augment(img, np.random.default_rng([self.seed, epoch, index]), self.cfg)
+                    image = augment(img, np.random.default_rng([self.seed, epoch, index]), self.cfg, self.train)
             except Exception:  # corrupt or not an image: PIL raises OSError, SyntaxError, ValueError, ...
                 image = None
         return image, label, name, epoch, batch
@@ -187,12 +192,12 @@ class _EpochBatches:
 
 class TorchStream(SourceStream):
     def __init__(self, cfg: Config, source: Source, source_id: int, dp_rank: int, dp_size: int,
-                 batch_size: int):
+                 batch_size: int, train: bool = True):
         super().__init__(source.spec)
-        self.cfg, self.batch_size = cfg, batch_size
+        self.cfg, self.batch_size, self.train = cfg, batch_size, train
         self.lo, self.hi = shard_bounds(source.num_samples, dp_rank, dp_size)
         self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
-        self._dataset = _DecodeDataset(SampleTable(source), cfg, self._seed)
+        self._dataset = _DecodeDataset(SampleTable(source), cfg, self._seed, train)
         self._batches_per_epoch = math.ceil((self.hi - self.lo) / batch_size)
         self._next = (0, 0)   # (epoch, batch) of the next chunk
         self._iter = None
@@ -215,8 +220,8 @@ class TorchStream(SourceStream):
     def _read_chunk(self) -> Chunk:
         if self._iter is None:
             workers = self.cfg.data.num_workers
-            sampler = _EpochBatches(self.lo, self.hi, self.batch_size, self._seed, self.cfg.data.shuffle,
-                                    self._next)
+            sampler = _EpochBatches(self.lo, self.hi, self.batch_size, self._seed,
+                                    self.cfg.data.shuffle and self.train, self._next)
             self._loader = torch.utils.data.DataLoader(
                 self._dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
                 prefetch_factor=4 if workers else None, worker_init_fn=_single_thread if workers else None)
@@ -242,4 +247,5 @@ class TorchImageLoader(ImageLoader):
     kind = "torch"
 
     def _make_stream(self, source: Source, source_id: int) -> SourceStream:
-        return TorchStream(self.cfg, source, source_id, self.dp_rank, self.dp_size, self.micro_batch_size)
+        return TorchStream(self.cfg, source, source_id, self.dp_rank, self.dp_size, self.micro_batch_size,
+                           self.train)

@@ -142,7 +142,7 @@ def test_loader_selection_without_dali(monkeypatch, caplog, indexed):
     caplog.set_level(logging.INFO, logger="aim_megatron.data")
     loader = build_loader(make_cfg([indexed[0]], "auto", 2, extra=["data.num_workers=0"]), 0, 1, 2)
     assert loader.kind == "torch"
-    lines = [r.getMessage() for r in caplog.records if "data loader:" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "data loader (train):" in r.getMessage()]
     assert len(lines) == 1 and "torch/PIL fallback" in lines[0] and "DALI is not importable" in lines[0]
 
 
@@ -152,7 +152,7 @@ def test_loader_selection_prefers_dali_when_importable(monkeypatch, caplog, inde
     caplog.set_level(logging.INFO, logger="aim_megatron.data")
     loader = build_loader(make_cfg([indexed[0]], "auto", 2), 0, 1, 2)
     assert loader.kind == "dali"
-    lines = [r.getMessage() for r in caplog.records if "data loader:" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "data loader (train):" in r.getMessage()]
     assert len(lines) == 1 and "NVIDIA DALI" in lines[0] and "device_id=None" in lines[0]
 
 
@@ -203,6 +203,23 @@ def test_real_jpegs_decode_in_rgb_and_gray(kind, real_folder):
         loader.close()
 
 
+def test_val_split_center_crops_in_stored_order(kind, real_folder):
+    root, files = real_folder
+    cfg = make_cfg(["synthetic"], kind, 16, extra=["model.image_size=112", "model.patch_size=14",
+                                                   f"data.val_sources=[{root}]"])
+    first = next(build_loader(cfg, 0, 1, 16, split="val"))
+    again = next(build_loader(cfg, 0, 1, 16, split="val"))
+    assert torch.equal(first["images"], again["images"])               # no random crop, flip or shuffle
+    assert first["labels"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 4, 4, 4, 4, 5, 5, 5]   # stored order
+    if kind == "dali":  # same center crop as the PIL path, up to resampling differences
+        cfg.data.loader = "torch"
+        reference = next(build_loader(cfg, 0, 1, 16, split="val"))
+        diff = (denormalize(first["images"], cfg) - denormalize(reference["images"], cfg)).abs()
+        assert diff.mean() < 0.03 and diff.mean(dim=(1, 2, 3)).max() < 0.07   # a flip: 0.2, BGR: 0.09
+    with pytest.raises(ValueError, match="data.val_sources is empty"):
+        build_loader(make_cfg(["synthetic"], kind, 4), 0, 1, 4, split="val")
+
+
 def test_corrupt_samples_inside_a_shard_are_skipped_and_counted(kind, corrupt_shard, caplog):
     caplog.set_level(logging.WARNING, logger="aim_megatron.data")
     cfg = make_cfg([corrupt_shard], kind, 4, extra=[*RGB32, "data.shuffle=false"])
@@ -247,15 +264,15 @@ def test_resume_is_bit_identical_across_epoch_boundary(kind, indexed, mixed):
     if mixed:
         extra.append("data.train_weights=[0.6, 0.4]")
     cfg = make_cfg(sources, kind, 3, dp=2, extra=extra)
-    k, more = 3, 6                       # rank 1 owns 12 of 23 samples: epoch 0 ends in batch 4
-    reference = take(build_loader(cfg, 1, 2, 3), k + more)
-    first = build_loader(cfg, 1, 2, 3)
+    k, more = 3, 6                       # rank 0 owns 11 of 23 samples (DALI pads 1): epoch 0 ends in batch 4
+    reference = take(build_loader(cfg, 0, 2, 3), k + more)
+    first = build_loader(cfg, 0, 2, 3)
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(take(first, k), reference))
     state = json.loads(json.dumps(first.state_dict()))                  # plain JSON-able data
     if mixed:  # both streams stopped inside a chunk: the hard case
         assert [s["offset"] for s in state["streams"]] == [2, 1]
     first.close()
-    resumed = build_loader(cfg, 1, 2, 3)
+    resumed = build_loader(cfg, 0, 2, 3)
     resumed.load_state_dict(state)
     for ref, got in zip(reference[k:], take(resumed, more)):
         for key in ("images", "labels", "prefix_len"):
@@ -263,7 +280,7 @@ def test_resume_is_bit_identical_across_epoch_boundary(kind, indexed, mixed):
     assert resumed.epochs[0] >= 1                                       # crossed an epoch boundary
     # A later state restores too (chained resume).
     state2 = resumed.state_dict()
-    again = build_loader(cfg, 1, 2, 3)
+    again = build_loader(cfg, 0, 2, 3)
     again.load_state_dict(state2)
     assert torch.equal(next(again)["images"], next(resumed)["images"])
 
@@ -291,6 +308,9 @@ def test_synthetic_loader_contract_and_resume():
     assert pixels.min() >= 0 and pixels.max() <= 1 and pixels.std() > 0.1
     other_rank = next(build_loader(cfg, 1, 2, 4))
     assert not torch.equal(other_rank["images"], b["images"])
+    cfg.data.val_sources = ["synthetic"]
+    val = next(build_loader(cfg, 0, 2, 4, split="val"))
+    assert val["images"].shape == b["images"].shape and not torch.equal(val["images"], b["images"])
     resumed = build_loader(cfg, 0, 2, 4)
     fresh = build_loader(cfg, 0, 2, 4)
     take(fresh, 2)
