@@ -266,6 +266,16 @@ class SourceStream:
     def _seek(self, position: Any) -> None:
         raise NotImplementedError
 
+    def _restart(self) -> None:
+        """Go back to the start of the shard (with the current ``_seed``)."""
+        raise NotImplementedError
+
+    def restart(self, salt: int) -> None:
+        """Start over from the shard's beginning with a seed derived from ``salt`` (a fresh order)."""
+        self._seed = derive_seed(self._base_seed, salt)
+        self._chunk, self._offset = None, 0
+        self._restart()
+
     def _max_empty_chunks(self) -> int:
         """Consecutive all-corrupt chunks after which the source counts as unusable (> one epoch)."""
         return 1 << 30
@@ -352,14 +362,17 @@ class SyntheticStream(SourceStream):
     def __init__(self, cfg: Config, source_id: int, dp_rank: int, chunk_size: int, train: bool = True):
         super().__init__("synthetic")
         self.cfg, self.chunk_size = cfg, chunk_size
-        self._seed = derive_seed(cfg.train.seed, source_id, dp_rank, int(not train))  # val != train images
+        self._base_seed = self._seed = derive_seed(cfg.train.seed, source_id, dp_rank, int(not train))
         self._chunk_index = 0
 
-    def _position(self) -> int:
-        return self._chunk_index
+    def _position(self) -> list[int]:
+        return [self._chunk_index, self._seed]
 
-    def _seek(self, position: int) -> None:
-        self._chunk_index = int(position)
+    def _seek(self, position: list[int]) -> None:
+        self._chunk_index, self._seed = int(position[0]), int(position[1])
+
+    def _restart(self) -> None:
+        self._chunk_index = 0
 
     def _read_chunk(self) -> Chunk:
         m = self.cfg.model
@@ -473,6 +486,14 @@ class ImageLoader:
         for stream, s in zip(self.streams, state["streams"]):
             stream.load_state_dict(s)
         self.microbatch = int(state["microbatch"])
+
+    def seek(self, microbatch: int) -> None:
+        """Continue at micro-batch ``microbatch`` without a saved data state (e.g. the DP layout changed):
+        prefix lengths and source mixing follow the sample positions exactly; every stream restarts its
+        shard with a seed derived from ``microbatch``, so the first epoch's order is not replayed."""
+        self.microbatch = int(microbatch)
+        for stream in self.streams:
+            stream.restart(self.microbatch)
 
     @property
     def epochs(self) -> list[int]:

@@ -155,7 +155,7 @@ class DaliStream(SourceStream):
         self.cfg, self.source, self.batch_size, self.placement = cfg, source, batch_size, placement
         self.train = train
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
+        self._base_seed = self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
         lo, hi = shard_bounds(source.num_samples, dp_rank, dp_size)
         self.shard_size = hi - lo
         self._pipe = None
@@ -187,10 +187,14 @@ class DaliStream(SourceStream):
 
     def _position(self) -> dict:
         return {"checkpoint": base64.b64encode(self._pipe.checkpoint()).decode("ascii"),
-                "batches_run": self._batches_run}
+                "batches_run": self._batches_run, "seed": self._seed}
 
     def _seek(self, position: dict) -> None:
+        self._seed = int(position["seed"])
         self._build(base64.b64decode(position["checkpoint"]), int(position["batches_run"]))
+
+    def _restart(self) -> None:
+        self._build(checkpoint=None, batches_run=0)
 
     def _read_chunk(self) -> Chunk:
         images_tl, labels_tl, valid_tl, info_tl = self._pipe.run()

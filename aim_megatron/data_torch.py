@@ -196,7 +196,7 @@ class TorchStream(SourceStream):
         super().__init__(source.spec)
         self.cfg, self.batch_size, self.train = cfg, batch_size, train
         self.lo, self.hi = shard_bounds(source.num_samples, dp_rank, dp_size)
-        self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
+        self._base_seed = self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
         self._dataset = _DecodeDataset(SampleTable(source), cfg, self._seed, train)
         self._batches_per_epoch = math.ceil((self.hi - self.lo) / batch_size)
         self._next = (0, 0)   # (epoch, batch) of the next chunk
@@ -211,11 +211,15 @@ class TorchStream(SourceStream):
         return self._batches_per_epoch + 1
 
     def _position(self) -> list[int]:
-        return list(self._next)
+        return [*self._next, self._seed]
 
     def _seek(self, position: list[int]) -> None:
         self.close()
         self._next = (int(position[0]), int(position[1]))
+        self._seed = self._dataset.seed = int(position[2])
+
+    def _restart(self) -> None:
+        self._seek([0, 0, self._seed])
 
     def _read_chunk(self) -> Chunk:
         if self._iter is None:

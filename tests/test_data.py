@@ -285,6 +285,21 @@ def test_resume_is_bit_identical_across_epoch_boundary(kind, indexed, mixed):
     assert torch.equal(next(again)["images"], next(resumed)["images"])
 
 
+def test_seek_without_state_follows_positions_with_a_fresh_order(kind, indexed):
+    """What a trainer does when the DP layout changed: continue at micro-batch 40."""
+    cfg = make_cfg([indexed[0]], kind, 4, dp=2, extra=GRAY28)
+    start = torch.cat([b["labels"] for b in take(build_loader(cfg, 0, 2, 4), 3)])[:11].tolist()
+    moved = build_loader(cfg, 0, 2, 4)
+    moved.seek(40)
+    batches = take(moved, 3)
+    assert torch.equal(batches[0]["prefix_len"], microbatch_prefix_lengths(cfg, 0, 2, 4, 40))
+    epoch = torch.cat([b["labels"] for b in batches])[:11].tolist()
+    assert sorted(epoch) == sorted(start) == list(range(11)) and epoch != start
+    resumed = build_loader(cfg, 0, 2, 4)                                 # exact resume after a seek
+    resumed.load_state_dict(moved.state_dict())
+    assert torch.equal(next(resumed)["images"], next(moved)["images"])
+
+
 def test_resume_state_rejects_a_different_layout(kind, indexed):
     cfg = make_cfg([indexed[0]], kind, 3, dp=2, extra=GRAY28)
     state = build_loader(cfg, 0, 2, 3).state_dict()
