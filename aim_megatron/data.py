@@ -4,6 +4,8 @@
     batch = next(loader)      # {"images": f32 [b, C, H, W] normalized, "prefix_len": i64 [b], "labels": i64 [b]}
     state = loader.state_dict()          # plain ints/strings/lists: store it in the training checkpoint
     loader2 = build_loader(cfg, dp_rank, dp_size, micro_batch_size); loader2.load_state_dict(state)
+    loader2.seek(microbatch)             # instead, when no state fits (e.g. another DP size)
+    val = build_loader(cfg, dp_rank, dp_size, micro_batch_size, split="val")   # data.val_sources, center crop
 
 Micro-batch ``j`` of data-parallel rank ``r`` holds the global sample positions that
 ``parallel.split_microbatches`` gives rank ``r`` (:func:`sample_positions`), so any rank (a TP or PP
