@@ -127,8 +127,11 @@ class SampleTable:
     def get(self, i: int) -> tuple[Optional[bytes], int, str]:
         if self.source.kind == "folder":
             path = self.source.files[i]
-            with open(path, "rb") as fh:
-                return fh.read(), int(self.labels[i]), path
+            try:
+                with open(path, "rb") as fh:
+                    return fh.read(), int(self.labels[i]), path
+            except OSError:  # vanished or unreadable: counted as corrupt
+                return None, int(self.labels[i]), path
         t = int(self.tar_ids[i])
         name = f"{self.source.tars[t]}:{self.offsets[i]}"
         label_off, label_size = self.label_at[i]
