@@ -359,33 +359,40 @@ def normalize_(images: torch.Tensor, mean: list[float], std: list[float]) -> tor
 
 
 class SyntheticStream(SourceStream):
-    """Seeded random smooth images (low-resolution noise, bilinearly upsampled); labels -1."""
+    """Seeded random smooth images (low-resolution noise, bilinearly upsampled); labels -1.
+
+    Each image is a function of (seed, source, split, global sample position) alone, so every
+    parallel layout of the same global batch, a resumed run, and a run resharded to another
+    data-parallel size see the same images. There is no stream position to save."""
 
     def __init__(self, cfg: Config, source_id: int, dp_rank: int, chunk_size: int, train: bool = True):
         super().__init__("synthetic")
         self.cfg, self.chunk_size = cfg, chunk_size
-        self._base_seed = self._seed = derive_seed(cfg.train.seed, source_id, dp_rank, int(not train))
-        self._chunk_index = 0
+        self._base_seed = self._seed = derive_seed(cfg.train.seed, source_id, int(not train))
 
-    def _position(self) -> list[int]:
-        return [self._chunk_index, self._seed]
+    def _position(self) -> int:
+        return 0
 
-    def _seek(self, position: list[int]) -> None:
-        self._chunk_index, self._seed = int(position[0]), int(position[1])
+    def _seek(self, position: int) -> None:
+        pass
 
     def _restart(self) -> None:
-        self._chunk_index = 0
+        pass
 
-    def _read_chunk(self) -> Chunk:
+    def restart(self, salt: int) -> None:
+        pass  # images follow sample positions, which seek() keeps exact
+
+    def at_positions(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.cfg.model
-        gen = torch.Generator().manual_seed(derive_seed(self._seed, self._chunk_index))
-        self._chunk_index += 1
         low = max(2, m.image_size // 4)
-        images = torch.rand(self.chunk_size, m.in_channels, low, low, generator=gen)
+        images = torch.stack([
+            torch.rand(m.in_channels, low, low,
+                       generator=torch.Generator().manual_seed(derive_seed(self._seed, int(p))))
+            for p in positions])
         images = F.interpolate(images, size=(m.image_size, m.image_size), mode="bilinear",
                                align_corners=False).clamp_(0, 1)
         normalize_(images, *self.cfg.data.normalization(m.in_channels))
-        return Chunk(images, torch.full((self.chunk_size,), -1, dtype=torch.int64))
+        return images, torch.full((len(positions),), -1, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -449,14 +456,14 @@ class ImageLoader:
                                      self.cfg.train.global_batch_size)
         which = assign_sources(self.cfg.train.seed, positions, self.weights)
         if len(self.streams) == 1:
-            images, labels = self.streams[0].take(self.micro_batch_size)
+            images, labels = self._take(self.streams[0], positions)
         else:
             images = labels = None
             for sid, stream in enumerate(self.streams):
                 rows = torch.from_numpy(np.flatnonzero(which == sid))
                 if len(rows) == 0:
                     continue
-                part_images, part_labels = stream.take(len(rows))
+                part_images, part_labels = self._take(stream, positions[rows.numpy()])
                 if images is None:
                     images = part_images.new_empty((self.micro_batch_size, *part_images.shape[1:]))
                     labels = torch.empty(self.micro_batch_size, dtype=torch.int64)
@@ -465,6 +472,12 @@ class ImageLoader:
         self.microbatch += 1
         return {"images": images, "prefix_len": prefix_lengths(self.cfg.train.seed, positions, self.cfg.model),
                 "labels": labels}
+
+    @staticmethod
+    def _take(stream: SourceStream, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(stream, SyntheticStream):
+            return stream.at_positions(positions)
+        return stream.take(len(positions))
 
     def _identity(self) -> dict:
         return {"kind": self.kind, "split": self.split, "dp_rank": self.dp_rank, "dp_size": self.dp_size,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
@@ -196,22 +195,6 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
 def sample_prefix_lengths(batch: int, model: ModelConfig, generator: torch.Generator) -> torch.Tensor:
     lo, hi = model.prefix_range
     return torch.randint(lo, hi + 1, (batch,), generator=generator)
-
-
-def prefix_lengths(seed: int, sample_index: torch.Tensor, model: ModelConfig) -> torch.Tensor:
-    """Prefix length of each sample, a pure function of (seed, global sample index).
-
-    Any rank (a pipeline middle stage that reads no images, a resumed or resharded run) computes
-    the same values. splitmix64 of the index gives a uniform draw from ``model.prefix_range``.
-    """
-    lo, hi = model.prefix_range
-    golden = np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
-        x = sample_index.cpu().numpy().astype(np.uint64) + np.uint64(seed) * golden + golden
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return torch.from_numpy((x % np.uint64(hi - lo + 1)).astype(np.int64) + lo)
 
 
 def prefix_causal_mask(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ The same code runs on one CPU process, N gloo processes and N GPUs/nodes (NCCL).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from . import checkpoint, cpu_shims, parallel
 from .config import Config, ConfigError, load_config, num_microbatches
 from .flops import device_peak_tflops, train_flops_per_image
-from .model import prefix_lengths
+from . import data
 
 log = logging.getLogger("aim_megatron.train")
 
@@ -65,44 +66,6 @@ def guarded_optimizer_step(optimizer, loss: float) -> tuple[bool, float]:
     return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
-class _SyntheticLoader:
-    """Seeded random images, each a function of (seed, global sample index): every layout of
-    the same global batch sees the same images (placeholder source)."""
-
-    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int, seed: int):
-        self.m, self.mbs, self.seed = cfg.model, micro_batch_size, seed
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.n_micro = cfg.train.global_batch_size // (micro_batch_size * dp_size)
-        self.position = 0  # micro-batches served by this rank
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        step, micro = divmod(self.position, self.n_micro)
-        first = (step * self.dp_size + self.dp_rank) * self.n_micro * self.mbs + micro * self.mbs
-        self.position += 1
-        m = self.m
-        # Smooth random fields (a 3x3 grid upsampled): structure a model can learn to predict.
-        coarse = torch.stack([
-            torch.randn(m.in_channels, 3, 3, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + i))
-            for i in range(first, first + self.mbs)])
-        images = torch.nn.functional.interpolate(coarse, size=(m.image_size, m.image_size),
-                                                 mode="bilinear", align_corners=True)
-        return {"images": images}
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
-
-
-def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int):
-    seed = cfg.train.seed + (0 if split == "train" else 7919)
-    return _SyntheticLoader(cfg, dp_rank, dp_size, cfg.train.micro_batch_size, seed)
-
-
 class Trainer:
     def __init__(self, cfg: Config, world: int, train_loader: Optional[Iterator] = None):
         self.cfg, self.world = cfg, world
@@ -120,9 +83,16 @@ class Trainer:
         # group only rank 0 reads and broadcasts; pipeline middle stages read nothing.
         self.needs_images = self.first_stage or self.last_stage
         self.reads_data = self.needs_images and self.tp_rank == 0
-        self.train_loader = (train_loader if train_loader is not None
-                             else build_loader(cfg, "train", self.dp_rank, self.dp_size)
-                             ) if self.reads_data else None
+        self.train_loader = None
+        if self.reads_data:
+            self.train_loader = train_loader or data.build_loader(
+                cfg, self.dp_rank, self.dp_size, t.micro_batch_size)
+        # Held-out data: data.val_sources (resize + center crop, fixed order); a synthetic
+        # training set is validated on synthetic images of the "val" split.
+        self.val_cfg = cfg
+        if not cfg.data.val_sources and all(s == "synthetic" for s in cfg.data.train_sources):
+            self.val_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_sources=["synthetic"]))
+        self.has_val = bool(self.val_cfg.data.val_sources)
         self.out_dir = Path(t.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.step = 0
@@ -135,11 +105,6 @@ class Trainer:
         self.peak_tflops = device_peak_tflops()
 
     # ------------------------------------------------------------------ data
-
-    def _sample_indices(self, step: int, micro: int) -> torch.Tensor:
-        mbs = self.cfg.train.micro_batch_size
-        start = step * self.cfg.train.global_batch_size + (self.dp_rank * self.n_micro + micro) * mbs
-        return torch.arange(start, start + mbs)
 
     def _fetch_images(self, loader) -> Optional[torch.Tensor]:
         m, mbs = self.cfg.model, self.cfg.train.micro_batch_size
@@ -155,9 +120,13 @@ class Trainer:
                            group=parallel_state.get_tensor_model_parallel_group())
         return images
 
-    def microbatches(self, step: int, loader, seed: int) -> list[dict]:
+    def microbatches(self, step: int, loader) -> list[dict]:
+        """This rank's micro-batches of global batch ``step``. Prefix lengths are a function of
+        the sample positions, so ranks that read no images compute the same ones."""
+        mbs = self.cfg.train.micro_batch_size
         return [{"images": self._fetch_images(loader),
-                 "prefix_len": prefix_lengths(seed, self._sample_indices(step, i), self.cfg.model)}
+                 "prefix_len": data.microbatch_prefix_lengths(self.cfg, self.dp_rank, self.dp_size, mbs,
+                                                              step * self.n_micro + i)}
                 for i in range(self.n_micro)]
 
     # ------------------------------------------------------------------ checkpoints
@@ -182,17 +151,15 @@ class Trainer:
         if self.train_loader is not None:
             if restored["data"] is not None:
                 self.train_loader.load_state_dict(restored["data"])
-            else:  # another layout: position the loader by the samples consumed so far
-                self.train_loader.load_state_dict(
-                    {"position": self.step * self.n_micro})
+            else:  # another layout: continue at the right sample positions, streams restart
+                self.train_loader.seek(self.step * self.n_micro)
         self._log_line(f"resumed from {path} at step {self.step}")
         return True
 
     # ------------------------------------------------------------------ steps
 
     def train_step(self) -> dict:
-        seed = self.cfg.train.seed
-        mbs = self.microbatches(self.step, self.train_loader, seed)
+        mbs = self.microbatches(self.step, self.train_loader)
         self.optimizer.zero_grad()
         loss = parallel.forward_backward(self.cfg, self.model, mbs)
         stepped, grad_norm = guarded_optimizer_step(self.optimizer, loss)
@@ -214,17 +181,26 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over train.eval_iters fixed held-out global batches (same every time)."""
+    def evaluate(self) -> Optional[float]:
+        """Mean loss over train.eval_iters fixed held-out global batches (the same every time)."""
+        if not self.has_val:
+            return None
         for chunk in self.model:
             chunk.eval()
-        loader = build_loader(self.cfg, "val", self.dp_rank, self.dp_size) if self.reads_data else None
-        total = 0.0
-        for i in range(self.cfg.train.eval_iters):
-            mbs = self.microbatches(i, loader, self.cfg.train.seed + 7919)
-            total += parallel.forward_backward(self.cfg, self.model, mbs, forward_only=True)
-        for chunk in self.model:
-            chunk.train()
+        loader = None
+        if self.reads_data:
+            loader = data.build_loader(self.val_cfg, self.dp_rank, self.dp_size,
+                                       self.cfg.train.micro_batch_size, split="val")
+        try:
+            total = sum(parallel.forward_backward(self.cfg, self.model,
+                                                  self.microbatches(i, loader),
+                                                  forward_only=True)
+                        for i in range(self.cfg.train.eval_iters))
+        finally:
+            if loader is not None:
+                loader.close()
+            for chunk in self.model:
+                chunk.train()
         return total / self.cfg.train.eval_iters
 
     # ------------------------------------------------------------------ loop
@@ -334,12 +310,14 @@ class Trainer:
                  self.step, self.cfg.train.train_iters, record["loss"], record["lr"],
                  record["grad_norm"], images_per_s, tflops, mfu, record["memory_gb"])
 
-    def _log_eval(self, val_loss: float) -> None:
-        if self.is_logger:
+    def _log_eval(self, val_loss: Optional[float]) -> None:
+        if self.is_logger and val_loss is not None:
             self._write_metrics({"step": self.step, "val_loss": val_loss})
             log.info("step %d validation loss %.4f", self.step, val_loss)
 
     def close(self) -> None:
+        if self.train_loader is not None and hasattr(self.train_loader, "close"):
+            self.train_loader.close()
         if self.is_logger:
             if getattr(self, "metrics", None):
                 self.metrics.close()

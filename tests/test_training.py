@@ -144,15 +144,15 @@ class PoisonedLoader:
     """The default synthetic data, with NaN images in the micro-batches of chosen steps."""
 
     def __init__(self, cfg, bad_steps, n_micro):
-        from aim_megatron.train import build_loader
-        self.inner = build_loader(cfg, "train", 0, 1)
+        from aim_megatron.data import build_loader
+        self.inner = build_loader(cfg, 0, 1, cfg.train.micro_batch_size)
         self.bad_steps, self.n_micro = set(bad_steps), n_micro
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        step = self.inner.position // self.n_micro + 1
+        step = self.inner.microbatch // self.n_micro + 1
         batch = next(self.inner)
         if step in self.bad_steps:
             batch["images"] = torch.full_like(batch["images"], float("nan"))
