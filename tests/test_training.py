@@ -241,3 +241,25 @@ def test_keep_last_n_checkpoints(tmp_path):
     pretrain(tmp_path, ["train.train_iters=5", "train.save_interval=1", "train.keep_last=2"])
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert kept == ["step_00000004", "step_00000005"]
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_resume_across_epoch_boundary_on_real_images(tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI not installed")
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "tools/make_shards.py", "--fashion-mnist", "train", "--out",
+                    str(shards), "--limit", "36", "--samples-per-shard", "16", "--quiet"],
+                   cwd=ROOT, check=True, capture_output=True)
+    # 36 Fashion-MNIST images over 2 data-parallel ranks at 8 per step: an epoch ends mid-run.
+    run = ["train.train_iters=7", "model.image_size=28", f"data.train_sources=[{shards}]",
+           f"data.loader={loader}", "data.num_workers=1", "train.eval_iters=1",
+           f"data.val_sources=[{shards}]"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    pretrain(full, run, nproc=2)
+    pretrain(split, run + ["train.exit_after_steps=3"], nproc=2)
+    pretrain(split, run, nproc=2)
+    a, b = losses(full), losses(split)
+    assert sorted(a) == sorted(b) == list(range(1, 8))
+    assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
+    assert val_losses(full) == val_losses(split)[-1:]
