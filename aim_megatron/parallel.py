@@ -124,6 +124,15 @@ def _configure_schedule_hooks(model: list[torch.nn.Module], cfg: Config) -> None
                                   else model[0].start_param_sync)
 
 
+def finish_param_sync(cfg: Config, model: list[torch.nn.Module]) -> None:
+    """With overlap_param_gather the distributed optimizer's updated shards are all-gathered
+    lazily, in the next forward; complete that now (before a checkpoint, evaluation or export)."""
+    if cfg.parallel.overlap_param_gather:
+        for chunk in model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()
+
+
 def build_optimizer(cfg: Config, model: list[torch.nn.Module]):
     """AdamW per the official recipe; no weight decay on biases and norms (1-D params)."""
     t = cfg.train

@@ -132,6 +132,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
+        parallel.finish_param_sync(self.cfg, self.model)
         state = {"step": self.step, "skipped_steps": self.skipped_steps}
         data_state = self.train_loader.state_dict() if self.train_loader is not None else None
         path = checkpoint.save(self.ckpt_root, self.step, self.cfg, self.model, self.optimizer,

@@ -58,6 +58,7 @@ def main():
         assert ok, "optimizer step was skipped"
         result["loss"].append(loss)
         result["grad_norm"].append(float(grad_norm))
+    parallel.finish_param_sync(cfg, model)
     result["params"] = parallel.gather_full_state_dict(model)
     if dist.get_rank() == 0:
         torch.save(result, args.out)

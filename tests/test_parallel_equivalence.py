@@ -34,6 +34,8 @@ LAYOUTS = {
     "pp2_uneven": (2, ["parallel.pp=2", "parallel.trunk_layers_in_last_stage=1"]),
     "dp2": (2, []),
     "dp2_distopt": (2, ["parallel.use_distributed_optimizer=true"]),
+    "dp2_distopt_overlap": (2, ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+                                "parallel.overlap_param_gather=true"]),
     "tp2_pp2_sp": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
     "recompute_full": (1, ["parallel.recompute_granularity=full"]),
     "recompute_selective": (1, ["parallel.recompute_granularity=selective"]),

@@ -55,7 +55,11 @@ def test_loss_goes_down(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000040"
 
 
-@pytest.mark.parametrize("nproc,layout", [(1, []), (2, ["parallel.use_distributed_optimizer=true"])])
+@pytest.mark.parametrize("nproc,layout", [
+    (1, []),
+    (2, ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
+         "parallel.overlap_param_gather=true"]),
+])
 def test_resume_is_bit_exact(tmp_path, nproc, layout):
     full, split = tmp_path / "full", tmp_path / "split"
     run = ["train.train_iters=8", *layout]
