@@ -270,7 +270,8 @@ class Trainer:
             return None
         from tqdm import tqdm
         return tqdm(total=self.cfg.train.train_iters, initial=self.step, desc="pretrain",
-                    unit="step", dynamic_ncols=True, file=sys.stderr)
+                    unit="step", dynamic_ncols=True, file=sys.stderr,
+                    disable=None)  # a bar on terminals; log lines only in batch logs
 
     def _log_line(self, text: str, level: int = logging.INFO) -> None:
         if self.is_logger:
