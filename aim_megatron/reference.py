@@ -191,28 +191,25 @@ def _name_pairs(m: ModelConfig) -> list[tuple[str, str]]:
     return pairs
 
 
+def _rename(sd: dict[str, torch.Tensor], pairs, qkv_fn, side: str, strict: bool, heads: int):
+    out = {}
+    for src, dst in pairs:
+        if src not in sd:
+            if strict:
+                raise KeyError(f"{src} missing from the {side} state dict")
+            continue
+        out[dst] = qkv_fn(sd[src], heads) if src.endswith("qkv.weight") else sd[src]
+    return out
+
+
 def megatron_to_reference(full: dict[str, torch.Tensor], m: ModelConfig, strict: bool = True
                           ) -> dict[str, torch.Tensor]:
     """Full megatron-layout dict (see ``parallel.gather_full_state_dict``) -> reference names."""
-    out = {}
-    for src, dst in _name_pairs(m):
-        if src not in full:
-            if strict:
-                raise KeyError(f"{src} missing from the megatron state dict")
-            continue
-        t = full[src]
-        out[dst] = _qkv_megatron_to_official(t, m.num_heads) if dst.endswith("attn.qkv.weight") else t
-    return out
+    return _rename(full, _name_pairs(m), _qkv_megatron_to_official, "megatron", strict, m.num_heads)
 
 
 def reference_to_megatron(ref: dict[str, torch.Tensor], m: ModelConfig, strict: bool = True
                           ) -> dict[str, torch.Tensor]:
-    out = {}
-    for dst, src in _name_pairs(m):
-        if src not in ref:
-            if strict:
-                raise KeyError(f"{src} missing from the reference state dict")
-            continue
-        t = ref[src]
-        out[dst] = _qkv_official_to_megatron(t, m.num_heads) if src.endswith("attn.qkv.weight") else t
-    return out
+    """Reference/official names -> full megatron-layout dict."""
+    pairs = [(dst, src) for src, dst in _name_pairs(m)]
+    return _rename(ref, pairs, _qkv_official_to_megatron, "reference", strict, m.num_heads)
