@@ -135,6 +135,11 @@ class TrainConfig:
     clip_grad: float = 1.0
     warmup_fraction: float = 0.025
     params_dtype: str = "fp32"   # "fp32" or "bf16" (bf16 mixed precision, fp32 master weights)
+    # FP8 matmuls through Transformer Engine (H100/H200 only): null, "hybrid" (E4M3 forward,
+    # E5M2 gradients) or "e4m3"; recipe "delayed" (amax history) or "tensorwise" (current scaling).
+    fp8: Optional[str] = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
     # Run bookkeeping.
     output_dir: str = "runs/aim"
     log_interval: int = 10
@@ -384,6 +389,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp = "
            f"{t.micro_batch_size}*{dp}; use a multiple of {t.micro_batch_size * dp}")
     _check(t.params_dtype in ("fp32", "bf16"), f"train.params_dtype={t.params_dtype!r}: use fp32 or bf16")
+    if t.fp8 is not None:
+        _check(t.fp8 in ("hybrid", "e4m3"), f"train.fp8={t.fp8!r}: use null, 'hybrid' or 'e4m3'")
+        _check(t.fp8_recipe in ("delayed", "tensorwise"),
+               f"train.fp8_recipe={t.fp8_recipe!r}: use 'delayed' or 'tensorwise'")
+        _check(t.params_dtype == "bf16", "train.fp8 needs train.params_dtype=bf16 (FP8 GEMMs, bf16 "
+                                         "activations, fp32 master weights)")
     _check(0.0 <= t.warmup_fraction <= 1.0, "train.warmup_fraction must be within [0, 1]")
     _check(t.train_iters >= 1, "train.train_iters must be >= 1")
     _check(min(t.log_interval, t.eval_iters, t.max_bad_steps) >= 1,

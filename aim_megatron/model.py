@@ -50,11 +50,17 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def select_backend(requested: str = "auto") -> str:
-    """'te' when Transformer Engine imports and a GPU is present, else 'local'."""
+def select_backend(requested: str = "auto", fp8: Optional[str] = None) -> str:
+    """'te' when Transformer Engine imports and a GPU is present, else 'local'. FP8 without
+    Transformer Engine is an error, never a silent bf16 run."""
+    available = transformer_engine_available()
+    if fp8 is not None and (requested == "local" or not available):
+        raise RuntimeError(
+            f"train.fp8={fp8} needs Transformer Engine layers on a GPU with FP8 (H100/H200); "
+            f"{'model.backend=local was requested' if requested == 'local' else 'none is available here'}"
+            f". Set train.fp8=null to train in bf16")
     if requested == "local":
         return "local"
-    available = transformer_engine_available()
     if requested == "te" and not available:
         raise RuntimeError(
             "model.backend='te' needs Transformer Engine and a CUDA GPU; install "
@@ -144,6 +150,9 @@ def transformer_configs(cfg: Config) -> tuple[TransformerConfig, TransformerConf
     )
     if p.recompute_granularity == "selective":
         common["recompute_modules"] = ["core_attn"]
+    if t.fp8 is not None:  # TE layers only; select_backend refuses FP8 without them
+        common.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe, fp8_amax_history_len=t.fp8_amax_history_len,
+                      fp8_amax_compute_algo="max")
     trunk = TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,

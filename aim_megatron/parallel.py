@@ -54,6 +54,10 @@ def initialize(cfg: Config, timeout_minutes: int = 30) -> int:
     world = dist.get_world_size()
     validate(cfg, world)
     p = cfg.parallel
+    try:
+        select_backend(cfg.model.backend, cfg.train.fp8)  # fail at start, before any group exists
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from exc
     if p.batch_p2p_comm and p.vp and dist.get_backend() == "gloo":
         raise ConfigError(
             "parallel.batch_p2p_comm=true with a virtual pipeline on gloo pairs p2p messages wrongly "
@@ -88,7 +92,7 @@ def shutdown() -> None:
 
 def build_model(cfg: Config, wrap_ddp: bool = True) -> list[torch.nn.Module]:
     """This rank's model chunks (one per virtual stage), on the device, in megatron DDP."""
-    backend = select_backend(cfg.model.backend)
+    backend = select_backend(cfg.model.backend, cfg.train.fp8)
     vp = cfg.parallel.vp
     chunks = [build_model_chunk(cfg, backend, vp_stage=i if vp else None) for i in range(vp or 1)]
     device = cpu_shims.device()

@@ -228,3 +228,14 @@ def test_block_features_match_reference_block_outputs():
     torch.testing.assert_close(ours, (blocks[1] + blocks[3]) / 2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="do not exist"):
         model.block_features(images, [7])
+
+
+def test_fp8_without_transformer_engine_is_a_clear_error(monkeypatch):
+    import aim_megatron.model as model_mod
+    monkeypatch.setattr(model_mod, "transformer_engine_available", lambda: False)
+    with pytest.raises(RuntimeError, match="train.fp8=hybrid needs Transformer Engine.*train.fp8=null"):
+        select_backend("auto", fp8="hybrid")
+    with pytest.raises(RuntimeError, match="model.backend=local was requested"):
+        select_backend("local", fp8="e4m3")
+    monkeypatch.setattr(model_mod, "transformer_engine_available", lambda: True)
+    assert select_backend("auto", fp8="hybrid") == "te"

@@ -267,3 +267,11 @@ def test_resume_across_epoch_boundary_on_real_images(tmp_path, loader):
     assert sorted(a) == sorted(b) == list(range(1, 8))
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
     assert val_losses(full) == val_losses(split)[-1:]
+
+
+def test_fp8_request_without_gpu_fails_at_start(tmp_path):
+    import aim_megatron.model as model_mod
+    if model_mod.transformer_engine_available():
+        pytest.skip("Transformer Engine with a GPU present: FP8 is available here")
+    proc = pretrain(tmp_path, ["train.fp8=hybrid", "train.params_dtype=bf16"], expect=1)
+    assert "needs Transformer Engine" in proc.stderr and "train.fp8=null" in proc.stderr
