@@ -1,0 +1,257 @@
+#!/usr/bin/env python
+"""Convert between the official AIM v1 torch format and aim-megatron checkpoints.
+
+Import an official state dict (.pth/.pt or .safetensors; released key names, qkv rows all q,
+then k, then v) into a dist checkpoint, at any layout; run with the target number of processes:
+
+    torchrun --nproc_per_node 4 tools/convert_checkpoint.py import --src aim_600m.pth \\
+        --dst runs/aim600m model.preset=aim-600M parallel.tp=2 parallel.pp=2 \\
+        [--config base.yaml] [--probe-out runs/aim600m/probe/official.pt --probe-layers best]
+
+writes runs/aim600m/checkpoints/step_00000000 (+ latest): `aim-pretrain` continues from it with
+train.output_dir=runs/aim600m and `aim-probe` probes it. The config must describe the file's
+architecture (the shapes are checked; the head count is not visible in the shapes: official
+models use 128-dim heads). Released files hold no pre-training head: the imported one is freshly
+initialised from train.seed, identically for every layout. The file's attentive-probe head
+(head.*) is written as a probe checkpoint with --probe-out.
+
+Export to the official format (one process, any source layout):
+
+    python tools/convert_checkpoint.py export --src runs/x/checkpoints/step_00001000 \\
+        --out aim.pth [--probe runs/x/probe/attentive-last/probe.pt]
+
+writes the trunk (fp32) and, with --probe, our probe head as head.*; .safetensors also works.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aim_megatron import checkpoint, parallel  # noqa: E402
+from aim_megatron.config import PRESETS, Config, ConfigError, ModelConfig, load_config  # noqa: E402
+from aim_megatron.probe import (AttentiveProbe, ProbeConfig, load_probe, resolve_layers,  # noqa: E402
+                                save_probe)
+from aim_megatron.reference import PredictionHead, ReferenceAIM, megatron_to_reference  # noqa: E402
+from aim_megatron.reference import reference_to_megatron  # noqa: E402
+
+log = logging.getLogger("convert")
+
+TRUNK_PREFIXES = ("preprocessor.", "trunk.")
+HEAD_PREFIX = "head."
+# Export reads the checkpoint into one process: a layout that holds the whole model.
+SINGLE_PROCESS = ["parallel.tp=1", "parallel.pp=1", "parallel.vp=null", "parallel.sequence_parallel=false",
+                  "parallel.trunk_layers_in_last_stage=null", "parallel.use_distributed_optimizer=false",
+                  "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false",
+                  "train.micro_batch_size=1", "train.fp8=null"]
+
+
+class ConvertError(ValueError):
+    """A file that does not fit the requested conversion; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- official files
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"{path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:  # mmap: a 7B file is not read into memory by every rank
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):  # some releases nest the weights
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ConvertError(f"{path} does not hold a state dict of tensors")
+    return sd
+
+
+def split_official(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(trunk tensors, probe-head tensors with the head. prefix removed)."""
+    trunk = {k: v for k, v in sd.items() if k.startswith(TRUNK_PREFIXES)}
+    head = {k[len(HEAD_PREFIX):]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
+    other = sorted(set(sd) - set(trunk) - {HEAD_PREFIX + k for k in head})
+    if other:
+        raise ConvertError(f"{len(other)} keys are not AIM v1 (preprocessor.*, trunk.*, head.*): "
+                           f"{other[:5]}{' ...' if len(other) > 5 else ''}")
+    return trunk, head
+
+
+def describe_trunk(sd: dict[str, torch.Tensor]) -> str:
+    """What architecture the file's shapes describe, and the preset or overrides that build it."""
+    proj = sd.get("preprocessor.patchifier.proj.weight")
+    if proj is None or proj.dim() != 4:
+        return "an unknown architecture (no preprocessor.patchifier.proj.weight)"
+    width, channels, patch = proj.shape[0], proj.shape[1], proj.shape[-1]
+    depth = len({k.split(".")[2] for k in sd if k.startswith("trunk.blocks.")})
+    for name, p in PRESETS.items():
+        if (p["hidden_size"], p["num_layers"], p.get("patch_size", 14), p.get("in_channels", 3)) == \
+                (width, depth, patch, channels):
+            return f"preset {name} (width {width}, depth {depth}, patch {patch}); use model.preset={name}"
+    return (f"no preset (width {width}, depth {depth}, patch {patch}, {channels} channels); use "
+            f"model.hidden_size={width} model.num_layers={depth} model.patch_size={patch} "
+            f"model.in_channels={channels} and the matching model.num_heads")
+
+
+def check_trunk(sd: dict[str, torch.Tensor], m: ModelConfig) -> None:
+    """Every trunk key of the configured model present with its shape, and nothing else."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ReferenceAIM(m).state_dict().items()
+                    if k.startswith(TRUNK_PREFIXES)}
+    for key, shape in expected.items():
+        if key in sd and tuple(sd[key].shape) != shape:
+            raise ConvertError(f"shape mismatch at {key}: the file has {list(sd[key].shape)}, the "
+                               f"configured model expects {list(shape)}. The file looks like "
+                               f"{describe_trunk(sd)}")
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing keys, e.g. {missing[:3]}" if missing else "",
+                 f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}" if unexpected else ""]
+        raise ConvertError(f"the file does not match the configured {m.num_layers}-block trunk: "
+                           f"{'; '.join(p for p in parts if p)}. The file looks like {describe_trunk(sd)}")
+
+
+def fresh_pretraining_head(m: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Pre-training head weights in reference names, drawn on CPU from ``seed`` with
+    megatron-core's init scheme (normal(init_std); fc2 scaled by 1/sqrt(2 * blocks); norms 1,
+    biases 0), so every target layout imports the same head."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in PredictionHead(m).state_dict().items()}
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith("bias"):
+            t = torch.zeros(shape)
+        elif "norm" in name:
+            t = torch.ones(shape)
+        else:
+            std = m.init_std / math.sqrt(2 * m.head_num_layers) if name.endswith("fc2.weight") else m.init_std
+            t = std * torch.randn(shape, generator=g)
+        out[HEAD_PREFIX + name] = t
+    return out
+
+
+# --------------------------------------------------------------------------- import / export
+
+def import_official(src: Path, dst: Path, cfg: Config, probe_out: Optional[Path] = None,
+                    probe_layers: Optional[str] = None) -> Path:
+    """Collective (run under torchrun with the target world size). Returns the checkpoint dir."""
+    from aim_megatron.train import build_scheduler
+    trunk_sd, head_sd = split_official(read_state_dict(src))
+    check_trunk(trunk_sd, cfg.model)
+    if probe_out is not None:
+        if not head_sd:
+            raise ConvertError(f"--probe-out given but {src} holds no head.* probe weights")
+        if probe_layers is None:
+            raise ConvertError("--probe-out needs --probe-layers (last, best or indices such as 14,15,16): "
+                               "the file does not record which blocks its probe was trained on")
+        layers = resolve_layers(probe_layers, cfg.model)
+    full = reference_to_megatron({**trunk_sd, **fresh_pretraining_head(cfg.model, cfg.train.seed)},
+                                 cfg.model)
+
+    parallel.initialize(cfg)
+    model = parallel.build_model(cfg)
+    parallel.load_full_state_dict(model, full)
+    optimizer = parallel.build_optimizer(cfg, model)  # after loading: bf16 copies its main params
+    scheduler = build_scheduler(cfg, optimizer)
+    out = checkpoint.save(dst / "checkpoints", 0, cfg, model, optimizer, scheduler,
+                          {"step": 0, "skipped_steps": 0})
+    if dist.get_rank() == 0:
+        log.info("imported %s (%d trunk tensors) into %s (tp=%d pp=%d, %d processes); the "
+                 "pre-training head is freshly initialised", src, len(trunk_sd), out,
+                 cfg.parallel.tp, cfg.parallel.pp, dist.get_world_size())
+        if head_sd and probe_out is not None:
+            probe = AttentiveProbe(cfg.model.hidden_size, cfg.model.num_heads,
+                                   head_sd["linear.weight"].shape[0])
+            try:
+                probe.load_state_dict(head_sd)
+            except RuntimeError as exc:
+                raise ConvertError(f"head.* of {src} is not an attentive probe for this trunk: {exc}") from exc
+            probe_out.parent.mkdir(parents=True, exist_ok=True)
+            save_probe(probe_out, probe, ProbeConfig(kind="attentive", layers=probe_layers), layers,
+                       cfg.model, class_names=[])
+            log.info("wrote the file's probe head (layers %s) to %s", layers, probe_out)
+        elif head_sd:
+            log.info("the file's head.* probe weights were not imported (pass --probe-out)")
+    dist.barrier()
+    return out
+
+
+def export_official(src: Path, probe_path: Optional[Path] = None) -> dict[str, torch.Tensor]:
+    """Official-format tensors of a checkpoint's trunk (+ a probe head), on every rank."""
+    cfg = checkpoint.config_from_checkpoint(src, SINGLE_PROCESS)
+    probe_sd = {}
+    if probe_path is not None:
+        probe, record = load_probe(probe_path)
+        theirs = (record["model"]["hidden_size"], record["model"]["num_heads"])
+        if theirs != (cfg.model.hidden_size, cfg.model.num_heads):
+            raise ConvertError(f"probe {probe_path} was trained on a width-{theirs[0]}, {theirs[1]}-head "
+                               f"trunk; {src} has width {cfg.model.hidden_size}, {cfg.model.num_heads} heads")
+        probe_sd = {HEAD_PREFIX + k: v for k, v in probe.state_dict().items()}
+    parallel.initialize(cfg)
+    model = parallel.build_model(cfg, wrap_ddp=False)
+    checkpoint.load(src, cfg, model)
+    official = megatron_to_reference(parallel.gather_full_state_dict(model), cfg.model)
+    official = {k: v.contiguous() for k, v in official.items() if k.startswith(TRUNK_PREFIXES)}
+    return {**official, **probe_sd}
+
+
+def write_state_dict(sd: dict[str, torch.Tensor], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(out))
+    else:
+        torch.save(sd, out)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("import", help="official AIM v1 state dict -> aim-megatron checkpoint")
+    i.add_argument("--src", type=Path, required=True, help="official .pth/.pt or .safetensors")
+    i.add_argument("--dst", type=Path, required=True, help="run directory (checkpoints/ inside)")
+    i.add_argument("--config", help="YAML config of the model/run (see examples/configs/)")
+    i.add_argument("--probe-out", type=Path, help="write the file's head.* probe here")
+    i.add_argument("--probe-layers", help="blocks that probe reads: last, best or 14,15,16,...")
+    i.add_argument("overrides", nargs="*", help="e.g. model.preset=aim-600M parallel.tp=2")
+    e = sub.add_parser("export", help="aim-megatron checkpoint -> official AIM v1 state dict")
+    e.add_argument("--src", type=Path, required=True, help="a step_* checkpoint directory")
+    e.add_argument("--out", type=Path, required=True, help=".pth or .safetensors")
+    e.add_argument("--probe", type=Path, help="probe.pt written by aim-probe: exported as head.*")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "import":
+            cfg = load_config(args.config, args.overrides + [f"train.output_dir={args.dst}"])
+            import_official(args.src, args.dst, cfg, args.probe_out, args.probe_layers)
+        else:
+            sd = export_official(args.src, args.probe)
+            if dist.get_rank() == 0:
+                write_state_dict(sd, args.out)
+                log.info("exported %d tensors (%.1fM parameters) to %s", len(sd),
+                         sum(v.numel() for v in sd.values()) / 1e6, args.out)
+    except (ValueError, checkpoint.CheckpointError, FileNotFoundError) as exc:  # ConvertError, ConfigError
+        print(f"convert_checkpoint: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        parallel.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
