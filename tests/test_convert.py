@@ -1,0 +1,150 @@
+"""Official AIM v1 state dicts <-> aim-megatron checkpoints: import at TP=2 and at PP=2, export
+back bit-identically (trunk and probe head), features of the imported trunk equal the plain-PyTorch
+reference's, and files of another size, missing keys or impossible probe layers fail clearly."""
+import importlib.util
+
+import pytest
+import torch
+
+from aim_megatron import checkpoint, parallel
+from aim_megatron.config import load_config
+from aim_megatron.probe import AttentiveProbe, load_probe
+from aim_megatron.reference import ReferenceAIM
+from conftest import ROOT, TINY, run_distributed
+
+_spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
+convert = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(convert)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and spinning threads starve shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def official_state_dict(overrides=(), seed=0, with_probe=True) -> dict[str, torch.Tensor]:
+    """Random official-format weights: ReferenceAIM's trunk (+ an attentive probe head) with every
+    tensor randomized, norms and running stats included, so any mix-up shows."""
+    m = load_config(None, [*TINY, *overrides]).model
+    torch.manual_seed(seed)
+    sd = {k: 0.1 * torch.randn_like(v) + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
+          for k, v in ReferenceAIM(m).state_dict().items() if not k.startswith("head.")}
+    if with_probe:
+        probe = AttentiveProbe(m.hidden_size, m.num_heads, 10, seed=seed + 1)
+        probe.bn.running_mean.normal_()
+        probe.bn.running_var.uniform_(0.5, 2.0)
+        probe.bn.num_batches_tracked += 7
+        sd.update({"head." + k: v.clone() for k, v in probe.state_dict().items()})
+    return sd
+
+
+def import_at(tmp_path, layout: list[str]) -> tuple[dict, object]:
+    src, dst = tmp_path / "official.pth", tmp_path / "run"
+    sd = official_state_dict()
+    torch.save(sd, src)
+    run_distributed("tools/convert_checkpoint.py", 2,
+                    ["import", "--src", str(src), "--dst", str(dst), "--probe-out", str(dst / "probe.pt"),
+                     "--probe-layers", "last", *TINY, *layout])
+    return sd, dst
+
+
+@pytest.fixture(scope="module")
+def imported_tp2(tmp_path_factory):
+    return import_at(tmp_path_factory.mktemp("tp2"), ["parallel.tp=2"])
+
+
+def export(dst):
+    try:
+        return convert.export_official(checkpoint.resolve(dst / "checkpoints"), dst / "probe.pt")
+    finally:
+        parallel.shutdown()
+
+
+def assert_identical(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def test_import_tp2_then_export_is_bit_identical(imported_tp2):
+    sd, dst = imported_tp2
+    meta = checkpoint.read_meta(checkpoint.resolve(dst / "checkpoints"))
+    assert meta["layout"]["tp"] == 2 and meta["step"] == 0
+    out = export(dst)
+    assert "head.cls_token" in out and out["trunk.blocks.0.attn.qkv.weight"].shape == (96, 32)
+    assert_identical(sd, out)
+
+
+def test_import_pp2_then_export_is_bit_identical(tmp_path):
+    sd, dst = import_at(tmp_path, ["parallel.pp=2"])
+    assert checkpoint.read_meta(checkpoint.resolve(dst / "checkpoints"))["layout"]["pp"] == 2
+    assert_identical(sd, export(dst))
+
+
+def test_imported_trunk_features_match_reference(imported_tp2):
+    sd, dst = imported_tp2
+    step = checkpoint.resolve(dst / "checkpoints")
+    cfg = checkpoint.config_from_checkpoint(step, convert.SINGLE_PROCESS)
+    try:
+        parallel.initialize(cfg)
+        (model,) = parallel.build_model(cfg, wrap_ddp=False)
+        checkpoint.load(step, cfg, [model])
+        ref = ReferenceAIM(cfg.model)
+        missing, unexpected = ref.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")},
+                                                  strict=False)
+        assert not unexpected and all(k.startswith("head.") for k in missing)  # pre-training head only
+        images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            _, blocks = ref.features(images)
+        for layers in ([0, 1, 2, 3], [1, 3], [2]):
+            expected = torch.stack([blocks[i] for i in layers]).mean(0)
+            torch.testing.assert_close(model.block_features(images, layers), expected, rtol=1e-5, atol=1e-5)
+        probe, record = load_probe(dst / "probe.pt")
+        assert record["layers"] == [0, 1, 2, 3] and record["num_classes"] == 10
+    finally:
+        parallel.shutdown()
+
+
+def test_file_of_another_size_names_key_shapes_and_preset():
+    wide = official_state_dict(["model.hidden_size=64"], with_probe=False)
+    tiny = load_config(None, TINY).model
+    with pytest.raises(convert.ConvertError) as err:
+        convert.check_trunk(wide, tiny)
+    msg = str(err.value)
+    assert "preprocessor.patchifier.proj.weight" in msg and "[64, 3, 4, 4]" in msg and "[32, 3, 4, 4]" in msg
+    assert "no preset (width 64, depth 4, patch 4" in msg and "model.hidden_size=64" in msg
+    # A released aim-600M file (shapes only) against the tiny config names its preset.
+    with torch.device("meta"):
+        big = {k: v for k, v in ReferenceAIM(load_config(None, ["model.preset=aim-600M"]).model)
+               .state_dict().items() if not k.startswith("head.")}
+    with pytest.raises(convert.ConvertError, match=r"\[1536, 3, 14, 14\].*preset aim-600M.*model.preset=aim-600M"):
+        convert.check_trunk(big, tiny)
+
+
+def test_missing_and_unexpected_keys_are_named():
+    tiny = load_config(None, TINY).model
+    sd = official_state_dict(with_probe=False)
+    del sd["trunk.blocks.2.mlp.fc1.weight"]
+    with pytest.raises(convert.ConvertError, match=r"1 missing keys, e.g. \['trunk.blocks.2.mlp.fc1.weight'\]"):
+        convert.check_trunk(sd, tiny)
+    deep = official_state_dict(["model.num_layers=6"], with_probe=False)
+    with pytest.raises(convert.ConvertError, match=r"unexpected keys.*trunk.blocks.4.*width 32, depth 6"):
+        convert.check_trunk(deep, tiny)
+    with pytest.raises(convert.ConvertError, match="not AIM v1"):
+        convert.split_official({**sd, "decoder.weight": torch.zeros(1)})
+
+
+def test_import_cli_errors(tmp_path, capsys):
+    src = tmp_path / "official.pth"
+    torch.save(official_state_dict(), src)
+    args = ["import", "--src", str(src), "--dst", str(tmp_path / "run"), *TINY]
+    assert convert.main([*args, "--probe-out", str(tmp_path / "p.pt"), "--probe-layers", "2,7"]) == 1
+    assert "valid 0-based indices are 0..3" in capsys.readouterr().err
+    assert convert.main([*args, "--probe-out", str(tmp_path / "p.pt")]) == 1
+    assert "needs --probe-layers" in capsys.readouterr().err
+    assert convert.main([*args, "model.num_layers=2"]) == 1
+    assert "unexpected keys" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
