@@ -148,3 +148,7 @@ def test_import_cli_errors(tmp_path, capsys):
     assert convert.main([*args, "model.num_layers=2"]) == 1
     assert "unexpected keys" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000100")
+    assert convert.main(args) == 1
+    assert "already holds checkpoints" in capsys.readouterr().err

@@ -150,15 +150,23 @@ def import_official(src: Path, dst: Path, cfg: Config, probe_out: Optional[Path]
                     probe_layers: Optional[str] = None) -> Path:
     """Collective (run under torchrun with the target world size). Returns the checkpoint dir."""
     from aim_megatron.train import build_scheduler
+    if (dst / "checkpoints" / checkpoint.LATEST_FILE).exists():
+        raise ConvertError(f"{dst} already holds checkpoints; import into a new --dst")
     trunk_sd, head_sd = split_official(read_state_dict(src))
     check_trunk(trunk_sd, cfg.model)
-    if probe_out is not None:
+    probe = None
+    if probe_out is not None:  # checked on every rank before any collective
         if not head_sd:
             raise ConvertError(f"--probe-out given but {src} holds no head.* probe weights")
         if probe_layers is None:
             raise ConvertError("--probe-out needs --probe-layers (last, best or indices such as 14,15,16): "
                                "the file does not record which blocks its probe was trained on")
         layers = resolve_layers(probe_layers, cfg.model)
+        probe = AttentiveProbe(cfg.model.hidden_size, cfg.model.num_heads, head_sd["linear.weight"].shape[0])
+        try:
+            probe.load_state_dict(head_sd)
+        except RuntimeError as exc:
+            raise ConvertError(f"head.* of {src} is not an attentive probe for this trunk: {exc}") from exc
     full = reference_to_megatron({**trunk_sd, **fresh_pretraining_head(cfg.model, cfg.train.seed)},
                                  cfg.model)
 
@@ -173,15 +181,9 @@ def import_official(src: Path, dst: Path, cfg: Config, probe_out: Optional[Path]
         log.info("imported %s (%d trunk tensors) into %s (tp=%d pp=%d, %d processes); the "
                  "pre-training head is freshly initialised", src, len(trunk_sd), out,
                  cfg.parallel.tp, cfg.parallel.pp, dist.get_world_size())
-        if head_sd and probe_out is not None:
-            probe = AttentiveProbe(cfg.model.hidden_size, cfg.model.num_heads,
-                                   head_sd["linear.weight"].shape[0])
-            try:
-                probe.load_state_dict(head_sd)
-            except RuntimeError as exc:
-                raise ConvertError(f"head.* of {src} is not an attentive probe for this trunk: {exc}") from exc
+        if probe is not None:
             probe_out.parent.mkdir(parents=True, exist_ok=True)
-            save_probe(probe_out, probe, ProbeConfig(kind="attentive", layers=probe_layers), layers,
+            save_probe(probe_out, probe, ProbeConfig(kind="attentive", layers=layers), layers,
                        cfg.model, class_names=[])
             log.info("wrote the file's probe head (layers %s) to %s", layers, probe_out)
         elif head_sd:
