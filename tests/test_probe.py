@@ -3,13 +3,13 @@ confusion-matrix arithmetic, learning a separable task, and the aim-probe comman
 Fashion-MNIST giving the same probe under TP=2 x DP=2 as in one process."""
 import json
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from aim_megatron import probe as P
 from aim_megatron.config import ConfigError, ModelConfig
-from conftest import TINY, run_distributed
+from conftest import run_distributed
 from test_training import pretrain
 
 
@@ -167,3 +167,24 @@ def test_probe_command_errors(tiny_checkpoint, capsys):
     assert "keep parallel.pp=1" in capsys.readouterr().err
     assert P.main(["--checkpoint", str(tiny_checkpoint.parent / "nothing")]) == 1
     assert "is not a checkpoint" in capsys.readouterr().err
+
+
+def test_data_adapter_npz_and_model_input(tmp_path):
+    from aim_megatron.config import DataConfig
+    rgb = np.zeros((3, 20, 20, 3), dtype=np.uint8)
+    rgb[1] = 255
+    np.savez(tmp_path / "d.npz", train_images=rgb, train_labels=np.array([0, 1, 2]),
+             test_images=rgb[:2], test_labels=np.array([2, 1]), class_names=np.array(["a", "b", "c"]))
+    data = P.load_labelled(str(tmp_path / "d.npz"), "train", max_samples=2)
+    assert len(data.labels) == 2 and data.class_names == ["a", "b", "c"]
+    x = P.to_model_input(rgb, ModelConfig(image_size=16, in_channels=1), DataConfig())
+    assert x.shape == (3, 1, 16, 16)  # RGB -> gray, resized 20 -> 16
+    torch.testing.assert_close(x[1], torch.ones(1, 16, 16))    # (1 - 0.5) / 0.5
+    torch.testing.assert_close(x[0], -torch.ones(1, 16, 16))
+    gray = P.load_labelled("fashion-mnist", "test", max_samples=10)
+    assert gray.images.shape == (10, 28, 28) and gray.images.dtype == np.uint8
+    x = P.to_model_input(gray.images, ModelConfig(image_size=16, in_channels=3), DataConfig())
+    assert x.shape == (10, 3, 16, 16)  # gray repeated to RGB, then ImageNet mean/std per channel
+    torch.testing.assert_close(x[:, 0] * 0.229 + 0.485, x[:, 2] * 0.225 + 0.406)
+    with pytest.raises(FileNotFoundError, match="'fashion-mnist' or an existing .npz"):
+        P.load_labelled(str(tmp_path / "missing.npz"), "train")

@@ -37,7 +37,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aim_megatron import checkpoint, parallel  # noqa: E402
-from aim_megatron.config import PRESETS, Config, ConfigError, ModelConfig, load_config  # noqa: E402
+from aim_megatron.config import PRESETS, Config, ModelConfig, load_config  # noqa: E402
 from aim_megatron.probe import (AttentiveProbe, ProbeConfig, load_probe, resolve_layers,  # noqa: E402
                                 save_probe)
 from aim_megatron.reference import PredictionHead, ReferenceAIM, megatron_to_reference  # noqa: E402
