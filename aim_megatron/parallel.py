@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from functools import partial
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -79,6 +80,19 @@ def seed_everything(seed: int) -> None:
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def run_cli(prog: str, body: Callable[[], None], errors: tuple[type[BaseException], ...]) -> int:
+    """Run a command's body: an expected error becomes one line on stderr and exit code 1, and
+    the process groups are torn down either way."""
+    try:
+        body()
+    except errors as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    return 0
 
 
 def shutdown() -> None:

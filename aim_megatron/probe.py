@@ -593,7 +593,7 @@ def main(argv=None) -> int:
     except (ConfigError, checkpoint.CheckpointError, FileNotFoundError) as exc:
         print(f"aim-probe: {exc}", file=sys.stderr)
         return 1
-    try:
+    def body() -> None:
         out = args.out or default_out_dir(ckpt, probe_cfg, args.random_init)
         metrics = run_probe(cfg, ckpt, probe_cfg, args.data, out, args.train_samples,
                             args.test_samples, args.random_init)
@@ -602,13 +602,8 @@ def main(argv=None) -> int:
                   f"{', random-init trunk' if args.random_init else ''}: top-1 {metrics['top1']:.4f} "
                   f"top-5 {metrics['top5']:.4f} on {metrics['num_test']} test images "
                   f"({metrics['num_train']} train) -> {out}")
-    except (ConfigError, checkpoint.CheckpointError, FileNotFoundError) as exc:
-        print(f"aim-probe: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        parallel.shutdown()
-    return 0
 
+    return parallel.run_cli("aim-probe", body, (ConfigError, checkpoint.CheckpointError, FileNotFoundError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,6 +31,16 @@ def run_distributed(script: str, nproc: int, args: list[str], timeout: int = 300
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and spinning threads starve shared cores."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_overrides():
     return list(TINY)

@@ -17,13 +17,7 @@ convert = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(convert)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and spinning threads starve shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def official_state_dict(overrides=(), seed=0, with_probe=True) -> dict[str, torch.Tensor]:
     """Random official-format weights: ReferenceAIM's trunk (+ an attentive probe head) with every

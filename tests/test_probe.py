@@ -13,13 +13,7 @@ from conftest import run_distributed
 from test_training import pretrain
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and spinning threads starve shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_attentive_probe_structure_matches_the_paper():
     probe = P.AttentiveProbe(dim=32, num_heads=4, num_classes=10)

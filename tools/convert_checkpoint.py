@@ -237,7 +237,8 @@ def main(argv=None) -> int:
     e.add_argument("--out", type=Path, required=True, help=".pth or .safetensors")
     e.add_argument("--probe", type=Path, help="probe.pt written by aim-probe: exported as head.*")
     args = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.command == "import":
             cfg = load_config(args.config, args.overrides + [f"train.output_dir={args.dst}"])
             import_official(args.src, args.dst, cfg, args.probe_out, args.probe_layers)
@@ -247,13 +248,10 @@ def main(argv=None) -> int:
                 write_state_dict(sd, args.out)
                 log.info("exported %d tensors (%.1fM parameters) to %s", len(sd),
                          sum(v.numel() for v in sd.values()) / 1e6, args.out)
-    except (ValueError, checkpoint.CheckpointError, FileNotFoundError) as exc:  # ConvertError, ConfigError
-        print(f"convert_checkpoint: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        parallel.shutdown()
-    return 0
 
+    # ValueError covers ConvertError and ConfigError.
+    return parallel.run_cli("convert_checkpoint", body,
+                            (ValueError, checkpoint.CheckpointError, FileNotFoundError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     e.add_argument("--names", choices=["official", "megatron"], default="official")
     e.add_argument("--with-head", action="store_true", help="include the pre-training head")
     args = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.command == "reshard":
             bad = [o for o in args.overrides if not o.startswith("parallel.")]
             if bad:
@@ -104,13 +105,8 @@ def main(argv=None) -> int:
             reshard(args.src, args.dst, args.overrides)
         else:
             export(args.src, args.out, args.names, args.with_head)
-    except (ConfigError, checkpoint.CheckpointError) as exc:
-        print(f"reshard_checkpoint: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        parallel.shutdown()
-    return 0
 
+    return parallel.run_cli("reshard_checkpoint", body, (ConfigError, checkpoint.CheckpointError))
 
 if __name__ == "__main__":
     sys.exit(main())
