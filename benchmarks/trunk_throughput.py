@@ -84,8 +84,8 @@ def main() -> None:
     tokens = args.batch * m.num_patches
     print(f"\nAIM {args.preset}: {m.num_layers} layers, width {m.hidden_size}, {m.num_patches} patches, "
           f"batch {args.batch}, fp32, {torch.get_num_threads()} threads, forward+backward\n")
-    print(f"| part | impl | ms/iter | images/s | tokens/s | megatron / plain |")
-    print(f"|---|---|---:|---:|---:|---:|")
+    print("| part | impl | ms/iter | images/s | tokens/s | megatron / plain |")
+    print("|---|---|---:|---:|---:|---:|")
     for label, t_ours, t_ref in rows:
         for impl, t in (("megatron-core TP=1", t_ours), ("plain PyTorch", t_ref)):
             ratio = f"{t_ref / t_ours:.3f}x" if impl.startswith("megatron") else ""
