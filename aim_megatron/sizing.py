@@ -1,6 +1,7 @@
 """Analytic model size, training FLOPs and per-GPU memory of AIM under a Megatron layout.
 
-Everything here is arithmetic on config fields (no torch), so tools can size a 7B run on a laptop.
+Everything here is arithmetic on config fields (no torch; only the "aim" FLOP count imports
+aim_megatron.flops, which does), so tools can size a 7B run on a laptop.
 
 Parameters (AIM v1, no biases in blocks):
     trunk block   4h^2 (qkv + proj) + 2hf (fc1, fc2) + 4h (two LayerNorms)   = 12h^2 + 4h at f = 4h
@@ -33,7 +34,7 @@ Not counted: CUDA context, NCCL and TE workspaces, allocator fragmentation (keep
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -72,22 +73,28 @@ def head_params(m: ModelConfig) -> int:
 
 # --------------------------------------------------------------------------- FLOPs
 
-def attention_flops_per_image(m: ModelConfig) -> float:
-    """Forward QK^T and AV over all heads: 4 s^2 h per layer (the prefix-causal mask is applied
-    to a dense score matrix, so nothing is skipped)."""
-    s = m.num_patches
-    return 4.0 * s * s * m.hidden_size * m.num_layers
-
-
 def train_flops_per_image(m: ModelConfig, method: str = "6ND") -> float:
-    """Training FLOPs per image. "6ND": 6 * trunk params * tokens (Kaplan/Chinchilla convention);
-    "aim": 3 x forward of trunk matmuls, dense attention and the pre-training head."""
-    s = m.num_patches
+    """Training FLOPs per image.
+
+    "6ND": 6 x trunk params x tokens (the Kaplan/Chinchilla convention; no head, no attention).
+    "aim": the explicit matmul count of ``aim_megatron.flops`` (the one behind the trainer's
+        TFLOP/s and MFU): patch embedding, trunk, prediction head and the attention pairs the
+        prefix-causal mask allows, averaged over the prefix-length distribution, x3 for
+        forward + backward."""
     if method == "6ND":
-        return 6.0 * trunk_params(m) * s
+        return 6.0 * trunk_params(m) * m.num_patches
     if method == "aim":
-        return 6.0 * s * (trunk_params(m) + head_params(m)) + 3.0 * attention_flops_per_image(m)
+        from .flops import train_flops_per_image as aim_flops   # lazy: flops.py imports torch
+        return aim_flops(m)
     raise ValueError(f"unknown FLOPs method {method!r}; use '6ND' or 'aim'")
+
+
+def head_train_flops_per_image(m: ModelConfig) -> float:
+    """The prediction head's share of the "aim" count: the count less that of the same model
+    without a head (head_hidden_size 0 zeroes every head matmul). The same for every trunk of a
+    given width and geometry."""
+    return train_flops_per_image(m, "aim") - train_flops_per_image(
+        replace(m, head_hidden_size=0), "aim")
 
 
 # --------------------------------------------------------------------------- memory

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from aim_megatron import sizing
+from aim_megatron import flops, sizing
 from aim_megatron.config import load_config
 
 # aim-tiny on 32 px images: 8x8 = 64 patches, so sequence parallel over tp=2 divides.
@@ -30,9 +30,16 @@ def test_tiny_param_and_flop_counts_by_hand():
     assert sizing.trunk_params(m) == 4 * block + (16 * 64 + 64 + 128) + 128 == 198_976
     assert sizing.head_params(m) == (64 * 64 + 64) + 2 * (128 + 2 * 64 * 256) + 128 + (64 * 16 + 16)
     assert sizing.train_flops_per_image(m, "6ND") == 6 * 198_976 * 49
-    attention = 4 * 49 * 49 * 64 * 4                                   # QK^T + AV, 4 layers
-    assert sizing.train_flops_per_image(m, "aim") == \
-        6 * 49 * (198_976 + sizing.head_params(m)) + 3 * attention
+    # "aim" is the trainer's count (aim_megatron/flops.py): matmul weights without biases and
+    # LayerNorms, attention over the pairs the mask allows, mean over prefix lengths 1..48.
+    assert sizing.train_flops_per_image(m, "aim") == flops.train_flops_per_image(m)
+    matmuls = 16 * 64 + 4 * (4 * 64 * 64 + 2 * 64 * 256)             # embed + trunk blocks
+    head = 64 * 64 + 2 * 2 * 64 * 256 + 64 * 16                        # in_proj, 2 MLPs, out_proj
+    pairs = sum(k * k + (49 * 50 - k * (k + 1)) / 2 for k in range(1, 49)) / 48
+    attention = 4 * 64 * 4 * pairs                                     # QK^T + AV, 4 layers
+    assert sizing.train_flops_per_image(m, "aim") == pytest.approx(
+        3 * (2 * 49 * (matmuls + head) + attention), rel=1e-12)
+    assert sizing.head_train_flops_per_image(m) == pytest.approx(3 * 2 * 49 * head, rel=1e-12)
 
 
 @pytest.mark.parametrize("tp,sp,recompute,factor", [
