@@ -7,8 +7,9 @@ Fit (Hoffmann et al. 2022, "Chinchilla", approach 3):
 fitted as log L = LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e by
 minimising a Huber loss (delta 1e-3) of the log-residuals with L-BFGS, started from the best
 points of an initialisation grid. Compute is C = D * flops_per_image(N): "6ND" counts
-6 * N * tokens per image, "aim" adds the prediction head and dense attention (see sizing.py).
-Minimising L under C = k N D gives the closed form
+6 * N * tokens per image, "aim" is the explicit count of flops.py (trunk, prediction head and the
+attention pairs the prefix-causal mask allows; sizing.train_flops_per_image). Minimising L under
+C = k N D gives the closed form
 
     N_opt = G (C/k)^(beta/(alpha+beta)),  D_opt = (C/k) / N_opt,  G = (alpha A / (beta B))^(1/(alpha+beta)).
 
@@ -23,9 +24,11 @@ import csv
 import itertools
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -34,12 +37,14 @@ import numpy as np
 import yaml
 
 from .config import Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, validate
-from .sizing import head_params, train_flops_per_image, trunk_params
+from .sizing import head_train_flops_per_image, train_flops_per_image, trunk_params
 
 MANIFEST = "sweep.json"
 RESULTS = "results.json"
 FIT = "fit.json"
+LAUNCH_LOG = "launch.jsonl"  # per run: a line per local launch (wall and CPU seconds, exit code)
 PREEMPTED_EXIT_CODE = 3   # trainer contract: checkpointed on SIGTERM/SIGUSR1, requeue-able
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # =========================================================================== planning
@@ -212,41 +217,127 @@ def trainer_command(config: str | Path, trainer: str = "aim_megatron.train", npr
             *target, *args]
 
 
+def expects_validation(run_dir: str | Path) -> Optional[bool]:
+    """Whether the trainer evaluates this run (it does with data.val_sources, and validates a
+    synthetic training set on synthetic images); None without a readable config.yaml."""
+    try:
+        data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    d = data.get("data") or {}
+    train = d.get("train_sources") or ["synthetic"]
+    return bool(d.get("val_sources")) or all(x == "synthetic" for x in train)
+
+
+def _complete(last_step: int, final_val_step: Optional[int], train_iters: int,
+              needs_val: bool) -> bool:
+    """Trained to the end and, when the run validates, evaluated there: the trainer logs the last
+    train step before its final evaluation, so a run killed in between is not done yet."""
+    return last_step >= train_iters and (not needs_val or (final_val_step or 0) >= train_iters)
+
+
 def run_is_complete(run_dir: str | Path, train_iters: int) -> bool:
     records, _ = read_metrics(Path(run_dir) / "metrics.jsonl")
     steps = [r["step"] for r in records if "loss" in r]
-    return bool(steps) and max(steps) >= train_iters
+    vals = [r["step"] for r in records if "val_loss" in r]
+    needs_val = expects_validation(run_dir)
+    needs_val = bool(vals) if needs_val is None else needs_val
+    return bool(steps) and _complete(max(steps), max(vals, default=None), train_iters, needs_val)
+
+
+def _trainer_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO_ROOT), env.get("PYTHONPATH")) if x)
+    return env
+
+
+@dataclass
+class _Running:
+    name: str
+    run_dir: Path
+    proc: subprocess.Popen
+    log: Any
+    start: float
+
+
+def _reap(r: _Running, block: bool) -> Optional[tuple[int, float]]:
+    """(exit code, CPU seconds of the trainer and everything it waited for) once it has exited."""
+    pid, status, usage = os.wait4(r.proc.pid, 0 if block else os.WNOHANG)
+    if pid == 0:
+        return None
+    rc = os.waitstatus_to_exitcode(status)
+    r.proc.returncode = rc          # reaped here (for its rusage), so Popen must not wait again
+    r.log.close()
+    return rc, usage.ru_utime + usage.ru_stime
 
 
 def launch_local(sweep_dir: str | Path, trainer: str = "aim_megatron.train", nproc: int = 1,
                  keep_going: bool = False, dry_run: bool = False,
-                 echo: Callable[[str], None] = print) -> int:
-    """Run every incomplete run in turn; returns 0, PREEMPTED_EXIT_CODE if a run was interrupted
-    (rerun to resume), or 1 if a run failed."""
+                 echo: Callable[[str], None] = print, jobs: int = 1) -> int:
+    """Run every incomplete run, ``jobs`` at a time (in manifest order); returns 0,
+    PREEMPTED_EXIT_CODE if a run was interrupted (rerun to resume), or 1 if a run failed. After a
+    failure (unless ``keep_going``) or an interruption no new run starts; running ones finish."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     sweep_dir = Path(sweep_dir).resolve()
     manifest = load_manifest(sweep_dir)
-    failed = []
+    pending = []
     for run in manifest["runs"]:
-        run_dir = sweep_dir / run["name"]
-        if run_is_complete(run_dir, run["train_iters"]):
+        if run_is_complete(sweep_dir / run["name"], run["train_iters"]):
             echo(f"[skip] {run['name']}: complete")
-            continue
-        cmd = trainer_command(run_dir / "config.yaml", trainer, nproc)
-        echo(f"[run]  {run['name']}: {shlex.join(cmd)}")
-        if dry_run:
-            continue
-        with open(run_dir / "train.log", "a") as logf:
-            # Same working directory as the caller: relative data paths in configs resolve as in a
-            # hand-started run; everything the trainer writes goes to train.output_dir.
-            rc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT).returncode
-        if rc == PREEMPTED_EXIT_CODE:
-            echo(f"[stop] {run['name']}: trainer checkpointed and exited {rc}; rerun launch to resume")
-            return PREEMPTED_EXIT_CODE
-        if rc != 0:
-            echo(f"[fail] {run['name']}: exit code {rc}; see {run_dir / 'train.log'}")
-            failed.append(run["name"])
-            if not keep_going:
-                return 1
+        else:
+            pending.append(run)
+    if dry_run:
+        for run in pending:
+            cmd = trainer_command(sweep_dir / run["name"] / "config.yaml", trainer, nproc)
+            echo(f"[run]  {run['name']}: {shlex.join(cmd)}")
+        return 0
+    failed, preempted, running = [], [], []
+    env = _trainer_env()
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and not preempted and (keep_going or not failed):
+                run = pending.pop(0)
+                run_dir = sweep_dir / run["name"]
+                cmd = trainer_command(run_dir / "config.yaml", trainer, nproc)
+                echo(f"[run]  {run['name']}: {shlex.join(cmd)}")
+                log = open(run_dir / "train.log", "a")
+                # Same working directory as the caller: relative data paths in configs resolve as
+                # in a hand-started run; everything the trainer writes goes to train.output_dir.
+                # The repo is on PYTHONPATH so `-m aim_megatron.train` imports from anywhere.
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append(_Running(run["name"], run_dir, proc, log, time.time()))
+            if not running:
+                break
+            finished = None
+            while finished is None:
+                for r in running:
+                    done = _reap(r, block=len(running) == 1)
+                    if done is not None:
+                        finished = (r, *done)
+                        break
+                else:
+                    time.sleep(0.1)
+            r, rc, cpu = finished
+            running.remove(r)
+            wall = time.time() - r.start
+            with open(r.run_dir / LAUNCH_LOG, "a") as f:
+                f.write(json.dumps({"start": round(r.start, 3), "wall_s": round(wall, 2),
+                                    "cpu_s": round(cpu, 2), "exit_code": rc, "jobs": jobs}) + "\n")
+            echo(f"[done] {r.name}: exit {rc}, {wall:.0f} s wall, {cpu:.0f} s CPU")
+            if rc == PREEMPTED_EXIT_CODE:
+                echo(f"[stop] {r.name}: trainer checkpointed and exited {rc}; rerun launch to resume")
+                preempted.append(r.name)
+            elif rc != 0:
+                echo(f"[fail] {r.name}: exit code {rc}; see {r.run_dir / 'train.log'}")
+                failed.append(r.name)
+    finally:
+        for r in running:            # launch itself interrupted: stop the runs it started
+            r.proc.terminate()       # SIGTERM: the trainer checkpoints and exits 3
+        for r in running:
+            _reap(r, block=True)
+    if preempted:
+        return PREEMPTED_EXIT_CODE
     if failed:
         echo(f"{len(failed)} run(s) failed: {', '.join(failed)}")
         return 1
@@ -359,13 +450,15 @@ def collect_run(run_dir: str | Path, run: dict[str, Any]) -> RunResult:
         if "val_loss" in r:
             images = seen.get(r["step"], r["step"] * run["global_batch_size"])
             res.curve.append((r["step"], images, float(r["val_loss"])))
-    if train:
-        res.last_step = train[-1]["step"]
-        res.complete = res.last_step >= run["train_iters"]
-        tail = [float(r["loss"]) for r in train[-5:]]
-        res.final_train_loss = sum(tail) / len(tail)
     if res.curve:
         res.final_val_step, _, res.final_val_loss = res.curve[-1]
+    if train:
+        res.last_step = train[-1]["step"]
+        needs_val = expects_validation(run_dir)
+        needs_val = bool(res.curve) if needs_val is None else needs_val
+        res.complete = _complete(res.last_step, res.final_val_step, run["train_iters"], needs_val)
+        tail = [float(r["loss"]) for r in train[-5:]]
+        res.final_train_loss = sum(tail) / len(tail)
     return res
 
 
@@ -531,7 +624,10 @@ def _law_from_theta(t: np.ndarray) -> LossLaw:
 
 
 def _theta_from_law(law: LossLaw) -> np.ndarray:
-    return np.array([math.log(law.A), math.log(law.B), math.log(law.E), law.alpha, law.beta])
+    # A fit that finds no floor drives e to -inf and E = e^e underflows to 0: start from e = -690.
+    def log(x: float) -> float:
+        return math.log(max(x, 1e-300))
+    return np.array([log(law.A), log(law.B), log(law.E), law.alpha, law.beta])
 
 
 def fit_loss_law(N, D, L, delta: float = 1e-3, n_starts: int = 8,
@@ -617,21 +713,39 @@ def compute_optimal(law: LossLaw, C: float, flops_per_param_image: float,
 
 
 def flops_model(manifest: dict[str, Any]) -> tuple[float, float]:
-    """(k, c0) with flops per image = k N + c0 for the sweep's FLOPs method. "aim" keeps the head
-    (fixed per image); its attention term, < 3% of the total for h >= 1536, is folded out."""
+    """(k, c0) with flops per image ~ k N + c0 for the compute-optimal trade-off: k = 6 x tokens
+    per trunk parameter; for "aim", c0 = the prediction head's FLOPs per image at the sweep's base
+    model (paid per image whatever the trunk). The attention term of "aim" grows with depth x
+    width rather than with N and shrinks relative to it as models widen (about 2% of the trunk's
+    FLOPs at h = 1536, s = 256), so it is left out of the trade-off; each run's C counts it."""
     s = manifest["tokens_per_image"]
     if manifest["flops"] == "6ND":
         return 6.0 * s, 0.0
     base = ModelConfig(**{k: v for k, v in manifest["base_model"].items()})
-    return 6.0 * s, 6.0 * s * head_params(base)
+    return 6.0 * s, head_train_flops_per_image(base)
 
 
 # =========================================================================== plotting
 
+def _data_ticks(ax, values: np.ndarray, axis: str = "x") -> None:
+    """On a short log axis matplotlib labels minor ticks until they overlap; with a few distinct
+    values (a sweep's model or data sizes) label exactly those instead."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    u = np.unique(values)
+    if len(u) > 8:
+        return
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(FixedLocator(u))
+    target.set_major_formatter(lambda v, _pos: _short(v))
+    target.set_minor_locator(NullLocator())
+    target.set_minor_formatter(NullFormatter())
+
+
 def plot_fits(N, D, C, L, law: LossLaw, compute_law: Optional[ComputeLaw], out_dir: str | Path
               ) -> list[Path]:
     """fit.png (loss vs images per model size with the fitted curves; L(C) with the frontier) and
-    residuals.png (log-residuals vs N and D)."""
+    residuals.png (log-residuals vs N and D, coloured by model size)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -641,6 +755,7 @@ def plot_fits(N, D, C, L, law: LossLaw, compute_law: Optional[ComputeLaw], out_d
     N, D, C, L = (np.asarray(v, float) for v in (N, D, C, L))
     sizes = np.unique(N)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))
+    color_of = {n: c for n, c in zip(sizes, colors)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
     d_grid = np.geomspace(D.min() / 2, D.max() * 2, 100)
@@ -648,9 +763,16 @@ def plot_fits(N, D, C, L, law: LossLaw, compute_law: Optional[ComputeLaw], out_d
         sel = N == n
         ax.scatter(D[sel], L[sel], color=col, s=18, label=f"N={n:.3g}")
         ax.plot(d_grid, law(n, d_grid), color=col, lw=1)
-    ax.axhline(law.E, color="gray", ls=":", lw=1, label=f"E={law.E:.3g}")
+    lo, hi = L.min(), L.max()
+    if law.E > lo / 3:   # a floor near the data: draw it
+        ax.axhline(law.E, color="gray", ls=":", lw=1, label=f"E={law.E:.3g}")
+        lo = min(lo, law.E)
+    else:                # E -> 0 (no floor in range): a line at 1e-300 would flatten the plot
+        ax.plot([], [], " ", label=f"E={law.E:.2g} (no floor in range)")
+    ax.set_ylim(lo / 1.1, hi * 1.1)
     ax.set(xscale="log", yscale="log", xlabel="images seen D", ylabel="loss",
            title=f"L = E + A/N^{law.alpha:.3f} + B/D^{law.beta:.3f}")
+    _data_ticks(ax, D)
     ax.legend(fontsize=7)
     ax = axes[1]
     ax.scatter(C, L, s=14, color="tab:gray", label="runs")
@@ -669,12 +791,14 @@ def plot_fits(N, D, C, L, law: LossLaw, compute_law: Optional[ComputeLaw], out_d
 
     resid = np.log(L) - np.log(law(N, D))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    point_colors = [color_of[n] for n in N]
     for ax, x, label in ((axes[0], N, "trunk params N"), (axes[1], D, "images seen D")):
-        ax.scatter(x, resid, s=14)
+        ax.scatter(x, resid, s=14, c=point_colors)
         ax.axhline(0, color="gray", lw=1)
         ax.set(xscale="log", xlabel=label)
+        _data_ticks(ax, x)
     axes[0].set_ylabel("log L - log L_fit")
-    fig.suptitle(f"residuals: rms {np.sqrt(np.mean(resid ** 2)):.4f}")
+    fig.suptitle(f"residuals (colour: model size): rms {np.sqrt(np.mean(resid ** 2)):.4f}")
     fig.tight_layout()
     res_png = out_dir / "residuals.png"
     fig.savefig(res_png, dpi=110)

@@ -170,6 +170,49 @@ def test_collect_run_final_and_intermediate(tmp_path):
     assert not incomplete.complete
 
 
+def test_run_is_complete_only_after_the_final_evaluation(tmp_path):
+    # The trainer logs the last train step, then evaluates, then saves: a run killed in between
+    # has an earlier val loss as its last one and must be run (resumed) again.
+    def write(cfg_data, records):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": cfg_data}))
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+
+    run = {"name": "r", "trunk_params": 1000, "images": 128, "flops_per_image": 10.0,
+           "train_iters": 4, "global_batch_size": 32}
+    train = [{"step": s, "images_seen": 32 * s, "loss": 1.0, "lr": 1e-3} for s in range(1, 5)]
+    shards = {"train_sources": ["shards/a"], "val_sources": ["shards/b"]}
+    write(shards, train[:2] + [{"step": 2, "val_loss": 0.9}] + train[2:])
+    assert not S.run_is_complete(tmp_path, 4) and not S.collect_run(tmp_path, run).complete
+    write(shards, train + [{"step": 4, "val_loss": 0.8}])
+    assert S.run_is_complete(tmp_path, 4)
+    res = S.collect_run(tmp_path, run)
+    assert res.complete and (res.final_val_step, res.final_val_loss) == (4, 0.8)
+    # no validation configured: the last train step is the end (synthetic data validates itself)
+    write({"train_sources": ["shards/a"], "val_sources": []}, train)
+    assert S.run_is_complete(tmp_path, 4)
+    write({"train_sources": ["synthetic"], "val_sources": []}, train)
+    assert not S.run_is_complete(tmp_path, 4)
+
+
+def test_flops_come_from_the_trainers_count(sweep):
+    from aim_megatron import flops, sizing
+    spec, _, out = sweep
+    sweep_spec = S.load_sweep(spec)
+    sweep_spec.flops = "aim"
+    runs = S.plan_runs(sweep_spec)
+    S.write_runs(sweep_spec, runs, out)
+    for run in runs:
+        m = S._run_config(sweep_spec, run.model).model
+        assert run.flops_per_image == flops.train_flops_per_image(m)   # what the trainer's MFU uses
+    manifest = S.load_manifest(out)
+    k, c0 = S.flops_model(manifest)
+    base = S._run_config(sweep_spec, {}).model
+    assert k == 6 * 49 and c0 == sizing.head_train_flops_per_image(base) > 0
+    # k N + c0 leaves out only attention and the few non-matmul parameters of the trunk
+    for run in runs:
+        assert 0.8 < (k * run.trunk_params + c0) / run.flops_per_image < 1.0
+
+
 # --------------------------------------------------------------------------- sweep end to end
 
 FAKE_TRAINER = textwrap.dedent('''
@@ -192,6 +235,8 @@ FAKE_TRAINER = textwrap.dedent('''
         f.write(json.dumps({"argv": sys.argv, "cwd": os.getcwd()}) + "\\n")
     if os.environ.get("FAKE_PREEMPT") == os.path.basename(out):
         sys.exit(3)
+    if os.environ.get("FAKE_FAIL") == os.path.basename(out):
+        sys.exit(1)
     E, A, B, alpha, beta = 0.2, 30.0, 50.0, 0.35, 0.3
     n, gbs, iters = trunk_params(cfg.model), cfg.train.global_batch_size, cfg.train.train_iters
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
@@ -274,9 +319,12 @@ def test_sweep_end_to_end_with_fake_trainer(sweep):
     assert "rerun launch to resume" in r.stdout
     assert not (out / "w64-d2-h4-i640" / "metrics.jsonl").exists()
 
-    r = tool("launch", out, "--local", "--trainer", trainer)
+    r = tool("launch", out, "--local", "--trainer", trainer, "--jobs", "3")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("[skip]") == 3 and r.stdout.count("[run]") == 6
+    assert r.stdout.count("[done]") == 6 and "exit 0" in r.stdout
+    timing = json.loads((out / "w128-d2-h8-i640" / S.LAUNCH_LOG).read_text())
+    assert timing["exit_code"] == 0 and timing["jobs"] == 3 and timing["cpu_s"] > 0
     inv = [json.loads(x) for x in (out / "w32-d2-h2-i640" / "invocations.jsonl").read_text().splitlines()]
     assert len(inv) == 1   # complete runs are not started again
     assert inv[0]["argv"][1:] == ["--config", str(out / "w32-d2-h2-i640" / "config.yaml")]
@@ -300,6 +348,24 @@ def test_sweep_end_to_end_with_fake_trainer(sweep):
     law = S.LossLaw(**fit["law"])
     n_opt, _ = S.chinchilla_optimum(law, 1e15, 6 * 49)     # 6ND with 49 patches per image
     assert f"N_opt = {n_opt:.4g}" in r.stdout and "95% CI" in r.stdout
+
+
+def test_failed_run_stops_new_runs_unless_keep_going(sweep):
+    spec, trainer, out = sweep
+    assert tool("plan", spec, "--out", out).returncode == 0
+    fail = {"FAKE_FAIL": "w32-d2-h2-i1.28e3"}
+    r = tool("launch", out, "--local", "--trainer", trainer, "--jobs", "2", env=fail)
+    assert r.returncode == 1 and "[fail] w32-d2-h2-i1.28e3: exit code 1" in r.stdout
+    # runs already going finish (the third may start when the first ends before the failure is
+    # seen); nothing starts after the failure
+    started = r.stdout.count("[run]")
+    assert started in (2, 3) and r.stdout.count("[done]") == started and "[run]  w64" not in r.stdout
+    assert "1 run(s) failed" in r.stdout
+    r = tool("launch", out, "--local", "--trainer", trainer, "--jobs", "2", "--keep-going", env=fail)
+    assert r.returncode == 1 and r.stdout.count("[skip]") == started - 1
+    assert r.stdout.count("[done]") == 9 - (started - 1)
+    r = tool("collect", out)
+    assert "8/9 runs complete" in r.stdout
 
 
 def test_slurm_array_script_for_sweep(sweep):

@@ -2,7 +2,7 @@
 """Scaling-law sweeps: plan a grid of runs, launch them, collect losses, fit L(N, D) and L(C), predict.
 
     python tools/scaling_sweep.py plan examples/sweeps/tiny_cpu.yaml --out runs/sweep-tiny
-    python tools/scaling_sweep.py launch runs/sweep-tiny --local [--nproc 2] [--keep-going]
+    python tools/scaling_sweep.py launch runs/sweep-tiny --local [--jobs 2] [--nproc 2] [--keep-going]
     python tools/scaling_sweep.py launch runs/sweep-tiny --slurm --gpus-per-node 8 [--submit]
     python tools/scaling_sweep.py collect runs/sweep-tiny
     python tools/scaling_sweep.py fit runs/sweep-tiny [--bootstrap 200] [--intermediate]
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from aim_megatron import scaling as S  # noqa: E402
 from aim_megatron.config import PRESETS, ConfigError, ModelConfig  # noqa: E402
-from aim_megatron.sizing import trunk_params  # noqa: E402
+from aim_megatron.sizing import train_flops_per_image, trunk_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,8 @@ def cmd_plan(args) -> int:
 
 def cmd_launch(args) -> int:
     if args.local:
-        return S.launch_local(args.sweep_dir, args.trainer, args.nproc, args.keep_going, args.dry_run)
+        return S.launch_local(args.sweep_dir, args.trainer, args.nproc, args.keep_going, args.dry_run,
+                              jobs=args.jobs)
     script = S.slurm_array_script(args.sweep_dir, REPO, args.nodes, args.gpus_per_node, args.time,
                                   args.partition, args.account, args.max_parallel, args.sbatch_arg)
     path = Path(args.sweep_dir) / "sweep.sbatch"
@@ -94,6 +95,10 @@ def cmd_fit(args) -> int:
                  "base_model": manifest["base_model"]}
     print(f"L(N, D) = {law.E:.4g} + {law.A:.4g}/N^{law.alpha:.4f} + {law.B:.4g}/D^{law.beta:.4f}"
           f"   ({len(L)} points, rms log-residual {out['rms_log_residual']:.4f})")
+    if law.E < 1e-3 * float(np.min(L)):
+        out["warning"] = "E -> 0: no loss floor in range"
+        print("  warning: E went to 0: these runs show no loss floor, so E (and with it A, alpha) is "
+              "not identified; extend the sweep to more data and larger models before extrapolating")
     if args.bootstrap:
         samples = S.bootstrap_loss_law(N, D, L, law, args.bootstrap, args.seed, args.delta)
         ci = S.confidence_intervals(samples)
@@ -138,7 +143,7 @@ def cmd_predict(args) -> int:
             for name in ("aim-600M", "aim-1B", "aim-3B", "aim-7B"):
                 m = ModelConfig(**{**base.__dict__, **PRESETS[name], "preset": name})
                 np_ = trunk_params(m)
-                d_p = C / (k * np_ + c0)
+                d_p = C / train_flops_per_image(m, fit["flops"])   # the exact count per preset
                 print(f"    {name:<9} N = {np_:.4g}: D = {d_p:.4g} images, L = {float(law(np_, d_p)):.4f}")
     return 0
 
@@ -162,6 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--trainer", default="aim_megatron.train",
                    help="trainer module, or a script path ending in .py (default aim_megatron.train)")
     p.add_argument("--nproc", type=int, default=1, help="--local: processes per run (torchrun)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="--local: runs at once (default 1). For CPU sweeps: with OMP_NUM_THREADS=1, "
+                        "one per core. Every run sees every GPU, so on GPUs keep 1")
     p.add_argument("--keep-going", action="store_true", help="--local: continue after a failed run")
     p.add_argument("--dry-run", action="store_true", help="--local: print the commands only")
     p.add_argument("--nodes", type=int, help="--slurm: nodes per run (default: from world_size)")
