@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from .config import ModelConfig
 
 # Dense bf16 peak (no sparsity), TFLOP/s per device.
@@ -47,6 +45,7 @@ def train_flops_per_image(m: ModelConfig) -> float:
 
 def device_peak_tflops() -> Optional[float]:
     """bf16 dense peak of the current GPU, or None (CPU, unknown device)."""
+    import torch  # here, so FLOP counting itself needs no torch (tools/estimate_memory.py)
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()

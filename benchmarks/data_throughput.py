@@ -29,20 +29,19 @@ import torch  # noqa: E402
 from aim_megatron.config import load_config  # noqa: E402
 from aim_megatron.data import dali_available  # noqa: E402
 
-# aim-600M pre-training (FACTS section 1): 256 patch tokens, trunk + prediction head.
+# aim-600M pre-training (FACTS section 1): the trainer's own FLOP count (aim_megatron/flops.py).
 H100_BF16_PEAK = 989e12
 MFU = 0.45
-TRUNK_PARAMS, HEAD_PARAMS = 0.681e9, 0.41e9
-SEQ, LAYERS, WIDTH = 256, 24, 1536
 
 
 def flops_per_image() -> tuple[float, str]:
-    dense = 6 * (TRUNK_PARAMS + HEAD_PARAMS) * SEQ
-    attention = 12 * LAYERS * SEQ ** 2 * WIDTH
-    text = (f"FLOPs/image = 6 * P * s + 12 * L * s^2 * D\n"
-            f"            = 6 * ({TRUNK_PARAMS:.3g} + {HEAD_PARAMS:.3g}) * {SEQ} + 12 * {LAYERS} * {SEQ}^2 * {WIDTH}\n"
-            f"            = {dense:.4g} + {attention:.4g} = {dense + attention:.4g}")
-    return dense + attention, text
+    from aim_megatron.config import load_config
+    from aim_megatron.flops import train_flops_per_image
+    model = load_config(None, ["model.preset=aim-600M"]).model
+    flops = train_flops_per_image(model)
+    text = ("FLOPs/image = 3 x forward matmul FLOPs of trunk + 0.41B head, attention counted over the\n"
+            f"              pairs the prefix-causal mask allows (aim_megatron/flops.py) = {flops:.4g}")
+    return flops, text
 
 
 def build_bench_shards(data_dir: Path, max_side: int, copies: int) -> tuple[Path, str]:
