@@ -86,6 +86,27 @@ def _init_device(config: TransformerConfig):
     return None if config.use_cpu_initialization else torch.cuda.current_device()
 
 
+class SDPACoreAttention(MegatronModule):
+    """Core attention through torch's scaled_dot_product_attention, which picks a fused kernel
+    (flash on CPU, memory-efficient on GPU) that takes the per-sample prefix-causal mask.
+    Same interface as megatron-core's DotProductAttention: [s, b, heads, d] in, [s, b, h*d] out."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None, **_):
+        super().__init__(config=config)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        s, b, h, d = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        allowed = None if attention_mask is None else ~attention_mask  # megatron: True = masked
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+
 def layer_spec(backend: str, with_attention: bool = True) -> ModuleSpec:
     """A pre-norm transformer layer. Without attention it is the head's residual MLP block."""
     if backend == "te":
@@ -94,7 +115,7 @@ def layer_spec(backend: str, with_attention: bool = True) -> ModuleSpec:
         norm, qkv, core, proj = IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear
         fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear  # LN fused into fc1/qkv
     else:
-        norm, qkv, core, proj = AimLayerNorm, ColumnParallelLinear, DotProductAttention, RowParallelLinear
+        norm, qkv, core, proj = AimLayerNorm, ColumnParallelLinear, SDPACoreAttention, RowParallelLinear
         fc1, fc2 = ColumnParallelLinear, RowParallelLinear
     attention = IdentityOp
     if with_attention:

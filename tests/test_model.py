@@ -73,19 +73,25 @@ def test_qkv_layout_conversion_round_trips():
     assert torch.equal(ref_qkv[d + hd:d + 2 * hd], qkv[3 * hd + hd:3 * hd + 2 * hd])
 
 
-def test_core_attention_matches_torch_sdpa():
+def test_core_attention_matches_plain_softmax_attention():
+    """Both core attentions (the local spec's SDPA one and megatron-core's DotProductAttention)
+    equal softmax(QK^T / sqrt(d) + mask) V written out by hand."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
     cfg, model = build()
-    core = model.trunk.layers[0].self_attention.core_attention
+    ours = model.trunk.layers[0].self_attention.core_attention
+    theirs = DotProductAttention(ours.config, layer_number=1, attn_mask_type=AttnMaskType.arbitrary,
+                                 attention_type="self")
     s, b, h, d = cfg.model.num_patches, 3, cfg.model.num_heads, cfg.model.hidden_size // cfg.model.num_heads
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(s, b, h, d, generator=g) for _ in range(3))
     prefix = torch.tensor([1, 5, 15])
-    out = core(q, k, v, prefix_causal_mask(prefix, s))  # [s, b, h*d]
-    to_bhsd = lambda t: t.permute(1, 2, 0, 3)
-    expected = F.scaled_dot_product_attention(to_bhsd(q), to_bhsd(k), to_bhsd(v),
-                                              attn_mask=~prefix_causal_mask(prefix, s))
-    torch.testing.assert_close(out, expected.permute(2, 0, 1, 3).reshape(s, b, h * d),
-                               rtol=1e-5, atol=1e-6)
+    mask = prefix_causal_mask(prefix, s)  # [b, 1, s, s], True = masked
+    scores = torch.einsum("qbhd,kbhd->bhqk", q, k) / d ** 0.5
+    probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+    expected = torch.einsum("bhqk,kbhd->qbhd", probs, v).reshape(s, b, h * d)
+    torch.testing.assert_close(ours(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(theirs(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_prefix_causal_mask_brute_force():
