@@ -222,11 +222,6 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- masks and loss
 
-def sample_prefix_lengths(batch: int, model: ModelConfig, generator: torch.Generator) -> torch.Tensor:
-    lo, hi = model.prefix_range
-    return torch.randint(lo, hi + 1, (batch,), generator=generator)
-
-
 def prefix_causal_mask(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[b, 1, s, s] bool, True = masked (megatron convention; the inverse of torch SDPA's).
 

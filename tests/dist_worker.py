@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aim_megatron import parallel  # noqa: E402
 from aim_megatron.config import load_config  # noqa: E402
-from aim_megatron.model import sample_prefix_lengths  # noqa: E402
+from aim_megatron.data import prefix_lengths  # noqa: E402
 
 
 def global_batch(cfg, step: int) -> dict:
@@ -24,7 +24,7 @@ def global_batch(cfg, step: int) -> dict:
     g = torch.Generator().manual_seed(1000 + step)
     n = cfg.train.global_batch_size
     return {"images": torch.randn(n, m.in_channels, m.image_size, m.image_size, generator=g),
-            "prefix_len": sample_prefix_lengths(n, m, g)}
+            "prefix_len": prefix_lengths(cfg.train.seed, torch.arange(step * n, (step + 1) * n), m)}
 
 
 def main():
