@@ -135,7 +135,7 @@ def config_mismatches(saved: dict, cfg: Config) -> list[str]:
     for section, fields in _MUST_MATCH.items():
         old_sec, new_sec = saved.get(section, {}), now[section]
         for key in fields or new_sec.keys():
-            if key == "backend":
+            if key in ("backend", "attention_kernel"):  # implementation choices, same weights
                 continue
             if key in old_sec and old_sec[key] != new_sec[key]:
                 problems.append(f"{section}.{key}: checkpoint {old_sec[key]!r}, config {new_sec[key]!r}")

@@ -71,6 +71,9 @@ class ModelConfig:
     init_std: float = 0.02
     # Layer implementation: "auto" picks Transformer Engine when it imports and a GPU is present.
     backend: str = "auto"
+    # Prefix-causal attention kernel (aim_megatron/attention.py): "auto" (flash varlen on a GPU in
+    # bf16, dense-mask SDPA otherwise), "varlen", "flex" or "masked" (the arbitrary-mask path).
+    attention_kernel: str = "auto"
 
     @property
     def num_patches(self) -> int:
@@ -340,6 +343,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"(num_patches - 1); set model.prefix_min / model.prefix_max accordingly")
     _check(m.backend in ("auto", "te", "local"),
            f"model.backend={m.backend!r}: choose 'auto', 'te' or 'local'")
+    _check(m.attention_kernel in ("auto", "varlen", "flex", "masked"),
+           f"model.attention_kernel={m.attention_kernel!r}: choose 'auto', 'varlen', 'flex' or 'masked'")
 
     # Parallel layout.
     _check(min(p.tp, p.pp) >= 1, "parallel.tp and parallel.pp must be >= 1")

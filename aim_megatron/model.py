@@ -21,7 +21,6 @@ from megatron.core.enums import ModelType
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -32,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.utils import sharded_state_dict_default
 
+from .attention import PrefixCausalAttention
 from .config import Config, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -86,44 +86,37 @@ def _init_device(config: TransformerConfig):
     return None if config.use_cpu_initialization else torch.cuda.current_device()
 
 
-class SDPACoreAttention(MegatronModule):
-    """Core attention through torch's scaled_dot_product_attention, which picks a fused kernel
-    (flash on CPU, memory-efficient on GPU) that takes the per-sample prefix-causal mask.
-    Same interface as megatron-core's DotProductAttention: [s, b, heads, d] in, [s, b, h*d] out."""
-
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None, **_):
-        super().__init__(config=config)
-        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.softmax_scale = softmax_scale
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        s, b, h, d = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        allowed = None if attention_mask is None else ~attention_mask  # megatron: True = masked
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+# Checkpoints store layer norms under Transformer Engine's names (as Megatron-LM's local GPT spec
+# does), so one checkpoint loads into either backend.
+_TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                 "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
-def layer_spec(backend: str, with_attention: bool = True) -> ModuleSpec:
-    """A pre-norm transformer layer. Without attention it is the head's residual MLP block."""
+def layer_spec(backend: str, with_attention: bool = True, attention_kernel: str = "auto") -> ModuleSpec:
+    """A pre-norm transformer layer. Without attention it is the head's residual MLP block.
+
+    Both backends share the core attention: per-sample prefix-causal attention has no fused
+    Transformer Engine mask type, and aim_megatron.attention runs it through flash/flex kernels."""
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
-            TEDotProductAttention, TELayerNormColumnParallelLinear, TERowParallelLinear)
-        norm, qkv, core, proj = IdentityOp, TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear
+            TELayerNormColumnParallelLinear, TERowParallelLinear)
+        norm, qkv, proj = IdentityOp, TELayerNormColumnParallelLinear, TERowParallelLinear
         fc1, fc2 = TELayerNormColumnParallelLinear, TERowParallelLinear  # LN fused into fc1/qkv
+        keys_map = {}
     else:
-        norm, qkv, core, proj = AimLayerNorm, ColumnParallelLinear, SDPACoreAttention, RowParallelLinear
+        norm, qkv, proj = AimLayerNorm, ColumnParallelLinear, RowParallelLinear
         fc1, fc2 = ColumnParallelLinear, RowParallelLinear
+        keys_map = dict(_TE_NORM_KEYS) if with_attention else {
+            "pre_mlp_layernorm.": _TE_NORM_KEYS["pre_mlp_layernorm."]}
     attention = IdentityOp
     if with_attention:
         attention = ModuleSpec(
             module=SelfAttention,
             params={"attn_mask_type": AttnMaskType.arbitrary},  # prefix-causal, per sample
             submodules=SelfAttentionSubmodules(
-                linear_qkv=qkv, core_attention=core, linear_proj=proj,
+                linear_qkv=qkv, linear_proj=proj,
+                core_attention=ModuleSpec(module=PrefixCausalAttention,
+                                          params={"kernel": attention_kernel}),
                 q_layernorm=IdentityOp, k_layernorm=IdentityOp))
     return ModuleSpec(
         module=TransformerLayer,
@@ -133,7 +126,8 @@ def layer_spec(backend: str, with_attention: bool = True) -> ModuleSpec:
             self_attn_bda=get_bias_dropout_add if with_attention else IdentityFuncOp,
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
-            mlp_bda=get_bias_dropout_add))
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=keys_map))
 
 
 # --------------------------------------------------------------------------- configs
@@ -221,17 +215,6 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- masks and loss
-
-def prefix_causal_mask(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """[b, 1, s, s] bool, True = masked (megatron convention; the inverse of torch SDPA's).
-
-    Query q may attend key j if j < prefix_len (bidirectional prefix) or j <= q (causal).
-    """
-    idx = torch.arange(seq_len, device=prefix_len.device)
-    q, k = idx[:, None], idx[None, :]
-    allowed = (k[None] < prefix_len[:, None, None]) | (k <= q)[None]
-    return (~allowed).unsqueeze(1)
-
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """[b, C, H, W] -> [b, N, patch*patch*C] in raster order, values ordered (ph, pw, c)."""
@@ -346,7 +329,8 @@ class AIMModel(MegatronModule):
             self.patch_embed = PatchEmbed(m, device=dev, dtype=dtype)
             self.register_buffer("pos", sincos_2d(m.hidden_size, m.grid_size).to(device=dev),
                                  persistent=False)
-        self.trunk = TransformerBlock(trunk_config, spec=layer_spec(backend), post_layer_norm=False,
+        self.trunk = TransformerBlock(trunk_config, spec=layer_spec(backend, True, m.attention_kernel),
+                                      post_layer_norm=False,
                                       pre_process=pre_process, post_process=post_process,
                                       vp_stage=vp_stage)
         if post_process:
@@ -375,8 +359,8 @@ class AIMModel(MegatronModule):
         ones that count); elsewhere the trunk activations for the next stage.
         ``prefix_len=None`` runs full bidirectional attention (evaluation)."""
         hidden = self.embed(images) if self.pre_process else None
-        mask = None if prefix_len is None else prefix_causal_mask(prefix_len, self.model_cfg.num_patches)
-        hidden = self.trunk(hidden, attention_mask=mask)
+        # The core attention takes the prefix lengths themselves (aim_megatron/attention.py).
+        hidden = self.trunk(hidden, attention_mask=prefix_len)
         if not self.post_process:
             return hidden
         pred = self.head(self.post_trunk_norm(hidden))  # [s(/tp), b, patch_dim]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aim_megatron import parallel  # noqa: E402
 from aim_megatron.config import load_config  # noqa: E402
-from aim_megatron.model import loss_mask, prefix_causal_mask  # noqa: E402
+from aim_megatron.model import loss_mask  # noqa: E402
 from aim_megatron.reference import ReferenceAIM, megatron_to_reference, prefix_causal_allowed  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     mask = loss_mask(prefix, m.num_patches)
 
     def ours_trunk():
-        h = ours.trunk(ours.embed(images), attention_mask=prefix_causal_mask(prefix, m.num_patches))
+        h = ours.trunk(ours.embed(images), attention_mask=prefix)  # core attention takes lengths
         h.float().square().mean().backward()
 
     def ref_trunk():

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from aim_megatron import parallel
 from aim_megatron.config import PRESETS, load_config
-from aim_megatron.model import (loss_mask, normalized_targets, patchify, prefix_causal_mask,
-                                sincos_2d, transformer_configs, AIMModel, select_backend)
+from aim_megatron.attention import prefix_causal_allowed
+from aim_megatron.model import (loss_mask, normalized_targets, patchify, sincos_2d, transformer_configs, AIMModel, select_backend)
 from aim_megatron.reference import ReferenceAIM, megatron_to_reference, reference_to_megatron
 from conftest import TINY
 
@@ -86,25 +86,25 @@ def test_core_attention_matches_plain_softmax_attention():
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(s, b, h, d, generator=g) for _ in range(3))
     prefix = torch.tensor([1, 5, 15])
-    mask = prefix_causal_mask(prefix, s)  # [b, 1, s, s], True = masked
+    mask = ~prefix_causal_allowed(prefix, s)  # [b, 1, s, s], True = masked (megatron's convention)
     scores = torch.einsum("qbhd,kbhd->bhqk", q, k) / d ** 0.5
     probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
     expected = torch.einsum("bhqk,kbhd->qbhd", probs, v).reshape(s, b, h * d)
-    torch.testing.assert_close(ours(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(q, k, v, prefix), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(theirs(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_prefix_causal_mask_brute_force():
     prefix = torch.tensor([1, 3, 7])
-    mask = prefix_causal_mask(prefix, 8)
+    allowed = prefix_causal_allowed(prefix, 8)
     for bi, k in enumerate(prefix.tolist()):
         for q in range(8):
             for j in range(8):
-                assert mask[bi, 0, q, j].item() == (not (j < k or j <= q))
+                assert allowed[bi, 0, q, j].item() == (j < k or j <= q)
 
 
 def trunk_tokens(model, images, prefix):
-    hidden = model.trunk(model.embed(images), attention_mask=prefix_causal_mask(prefix, model.model_cfg.num_patches))
+    hidden = model.trunk(model.embed(images), attention_mask=prefix)  # the core attention takes lengths
     return hidden.transpose(0, 1)  # [b, s, D]
 
 

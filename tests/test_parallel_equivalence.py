@@ -39,6 +39,11 @@ LAYOUTS = {
     "tp2_pp2_sp": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
     "recompute_full": (1, ["parallel.recompute_granularity=full"]),
     "recompute_selective": (1, ["parallel.recompute_granularity=selective"]),
+    # The packed two-call prefix-causal kernel inside megatron's attention (the reference runs the
+    # dense mask): under TP+SP, and recomputed by selective recomputation.
+    "tp2_sp_varlen": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "model.attention_kernel=varlen"]),
+    "recompute_selective_varlen": (1, ["parallel.recompute_granularity=selective",
+                                       "model.attention_kernel=varlen"]),
 }
 
 

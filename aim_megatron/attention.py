@@ -1,0 +1,210 @@
+"""Prefix-causal self-attention without the arbitrary-mask path.
+
+AIM's mask for a sample with prefix length k: query q may attend key j if j < k or j <= q.
+It is the union of two shapes that fused kernels support natively:
+
+    prefix queries  q <  k : every key j < k     -> no mask, k queries over k keys
+    other queries   q >= k : every key j <= q    -> causal aligned bottom-right, N-k queries over N keys
+
+Kernels (``model.attention_kernel``):
+
+    varlen  both parts as packed variable-length sequences (cu_seqlens) in flash attention
+            (torch.nn.attention.varlen); exact FLOPs, no [s, s] mask, no host sync. Without CUDA a
+            per-segment SDPA reference of the same call runs, so the packing is tested on CPU.
+    flex    one FlexAttention call with a block mask built from the prefix lengths (CUDA; torch has
+            no FlexAttention backward on CPU, so CPU tests cover its forward only).
+    masked  one SDPA call with the dense [b, 1, s, s] mask: the arbitrary-mask path, and the reference.
+    auto    varlen on a GPU with flash attention in bf16/fp16, masked otherwise.
+
+The model hands the core attention the per-sample prefix lengths ([b] integer tensor) in place of a
+mask (megatron passes ``attention_mask`` through untouched; a tensor survives recomputation), or None
+for full bidirectional attention, which every kernel runs as one unmasked SDPA call.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "varlen", "flex", "masked")
+
+
+def prefix_causal_allowed(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[b, 1, s, s] bool, True = query may attend key (torch SDPA's convention)."""
+    idx = torch.arange(seq_len, device=prefix_len.device)
+    q, k = idx[:, None], idx[None, :]
+    return ((k[None] < prefix_len[:, None, None]) | (k <= q)[None]).unsqueeze(1)
+
+
+def flash_varlen_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:  # torch < 2.9
+        return False
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def resolve_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel a call runs. Explicit requests that cannot run here fail with the fix."""
+    if requested not in KERNELS:
+        raise ValueError(f"model.attention_kernel={requested!r}; choose one of {', '.join(KERNELS)}")
+    half = dtype in (torch.bfloat16, torch.float16)
+    if requested == "auto":
+        return "varlen" if device.type == "cuda" and half and flash_varlen_available() else "masked"
+    if requested == "varlen" and device.type == "cuda" and not (half and flash_varlen_available()):
+        raise RuntimeError("model.attention_kernel=varlen on a GPU needs flash attention "
+                           "(torch>=2.9, sm80+) and bf16/fp16 activations (train.params_dtype=bf16); "
+                           "set model.attention_kernel=auto or masked")
+    return requested
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.warning(message)
+
+
+# --------------------------------------------------------------------------- varlen (two packed calls)
+
+def varlen_plan(prefix_len: torch.Tensor, seq_len: int) -> dict:
+    """Index maps that pack each sample's prefix queries, and its other queries, into contiguous
+    variable-length sequences. Fixed sizes (b*s) and device-side ops only: no host sync."""
+    b, s, dev = prefix_len.numel(), seq_len, prefix_len.device
+    flat = torch.arange(b * s, device=dev).view(b, s)
+    is_prefix = torch.arange(s, device=dev)[None, :] < prefix_len[:, None]
+    # Stable orders that put one group first and keep (sample, position) order inside each group.
+    prefix_first = torch.argsort(torch.where(is_prefix, flat, flat + b * s).flatten())
+    other_first = torch.argsort(torch.where(is_prefix, flat + b * s, flat).flatten())
+    zero = torch.zeros(1, dtype=torch.int32, device=dev)
+    plen = prefix_len.to(torch.int32)
+    return dict(
+        is_prefix=is_prefix.flatten(),
+        prefix_first=prefix_first, prefix_back=torch.argsort(prefix_first),
+        other_first=other_first, other_back=torch.argsort(other_first),
+        cu_prefix=torch.cat([zero, torch.cumsum(plen, 0, dtype=torch.int32)]),
+        cu_other=torch.cat([zero, torch.cumsum(s - plen, 0, dtype=torch.int32)]),
+        cu_full=torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=dev),
+    )
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale=None):
+    """What flash attention's varlen call computes, one segment at a time with SDPA: [t, h, d]
+    packed rows, causal aligned bottom-right. Rows past cu_q[-1] are left zero."""
+    out = torch.zeros_like(q)
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        if q1 == q0:
+            continue
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))  # [h, l, d]
+        mask = None
+        if causal:
+            lq, lk = q1 - q0, k1 - k0
+            mask = (torch.arange(lk, device=q.device)[None, :]
+                    <= torch.arange(lq, device=q.device)[:, None] + (lk - lq))
+        seg = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out = out.index_copy(0, torch.arange(q0, q1, device=q.device), seg.transpose(0, 1))
+    return out
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale=None):
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
+                       window_size=(-1, 0) if causal else (-1, -1))
+
+
+def varlen_prefix_causal(q, k, v, prefix_len, scale=None, kernel=None):
+    """q, k, v: [b, s, h, d]. Two variable-length calls whose rows are disjoint, merged back."""
+    b, s, h, d = q.shape
+    if kernel is None:
+        kernel = _flash_varlen if q.is_cuda else varlen_reference
+        if not q.is_cuda:
+            _log_once("attention_kernel=varlen without CUDA runs a per-segment SDPA reference "
+                      "(correct, slow): use it to test the packing, masked to train")
+    plan = varlen_plan(prefix_len, s)
+    qf, kf, vf = (t.reshape(b * s, h, d) for t in (q, k, v))
+    pf = plan["prefix_first"]
+    # max lengths: s bounds every segment, so no host sync is needed to size the kernel grid.
+    out_prefix = kernel(qf[pf], kf[pf], vf[pf], plan["cu_prefix"], plan["cu_prefix"], s, s,
+                        causal=False, scale=scale)
+    out_other = kernel(qf[plan["other_first"]], kf, vf, plan["cu_other"], plan["cu_full"], s, s,
+                       causal=True, scale=scale)
+    # Rows past each call's packed total are never selected (and may be uninitialised): where().
+    out = torch.where(plan["is_prefix"][:, None, None],
+                      out_prefix[plan["prefix_back"]], out_other[plan["other_back"]])
+    return out.view(b, s, h, d)
+
+
+# --------------------------------------------------------------------------- flex
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_prefix_causal(q, k, v, prefix_len, scale=None):
+    """q, k, v: [b, h, s, d]. One FlexAttention call; fully masked blocks are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    b, _, s, _ = q.shape
+
+    def allowed(batch, head, q_idx, kv_idx):
+        return (kv_idx < prefix_len[batch]) | (kv_idx <= q_idx)
+
+    block_mask = create_block_mask(allowed, B=b, H=None, Q_LEN=s, KV_LEN=s, device=q.device)
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("model.attention_kernel=flex has no backward on CPU (torch implements "
+                           "FlexAttention's CPU path for inference only); use masked or varlen")
+    with warnings.catch_warnings():  # CPU: torch's unfused reference, a test of the block mask
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+# --------------------------------------------------------------------------- megatron module
+
+class PrefixCausalAttention(MegatronModule):
+    """megatron-core core attention ([s, b, heads, d] in, [s, b, heads*d] out) for AIM.
+
+    ``attention_mask`` is the per-sample prefix-length tensor [b] (None = bidirectional)."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type, attention_type,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 kernel: str = "auto", **_):
+        super().__init__(config=config)
+        if kernel not in KERNELS:
+            raise ValueError(f"model.attention_kernel={kernel!r}; choose one of {', '.join(KERNELS)}")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError("AIM uses no attention dropout; the fused prefix-causal kernels "
+                             "do not implement it")
+        self.kernel = kernel
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        s, b, h, d = query.shape
+        prefix_len = attention_mask
+        if prefix_len is not None and prefix_len.dtype == torch.bool:
+            raise TypeError("PrefixCausalAttention takes prefix lengths [b], not a dense mask")
+        kernel = "masked" if prefix_len is None else resolve_kernel(self.kernel, query.device, query.dtype)
+        if kernel == "varlen":
+            out = varlen_prefix_causal(query.transpose(0, 1), key.transpose(0, 1),
+                                       value.transpose(0, 1), prefix_len, self.softmax_scale)
+            return out.transpose(0, 1).reshape(s, b, h * d)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        if kernel == "flex":
+            out = flex_prefix_causal(q, k, v, prefix_len, self.softmax_scale)
+        else:
+            allowed = None if prefix_len is None else prefix_causal_allowed(prefix_len, s)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

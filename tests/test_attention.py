@@ -1,0 +1,121 @@
+"""Prefix-causal attention kernels against the dense-mask reference (aim_megatron/attention.py).
+
+On CPU the varlen kernel runs the same packing as on a GPU with a per-segment SDPA in place of
+flash attention, so forward and backward of the packing are checked here; the GPU kernels
+themselves are checked in tests/test_gpu.py when a GPU is present."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aim_megatron import attention
+from aim_megatron.attention import (PrefixCausalAttention, flex_prefix_causal, prefix_causal_allowed,
+                                    resolve_kernel, varlen_plan, varlen_prefix_causal)
+from aim_megatron.config import load_config
+from aim_megatron.model import transformer_configs
+from conftest import TINY
+
+# Edge cases: empty prefix, prefix 1, all but one, whole sequence, and values in between.
+PREFIX = torch.tensor([0, 1, 7, 15, 16, 3])
+S, H, D = 16, 3, 8
+
+
+def qkv(dtype=torch.float64, grad=True, layout="bshd"):
+    g = torch.Generator().manual_seed(0)
+    shape = (len(PREFIX), S, H, D) if layout == "bshd" else (len(PREFIX), H, S, D)
+    return [torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad) for _ in range(3)]
+
+
+def masked_reference(q, k, v):
+    """[b, s, h, d] in and out; one SDPA call with the dense mask."""
+    out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                         attn_mask=prefix_causal_allowed(PREFIX, S))
+    return out.transpose(1, 2)
+
+
+def test_varlen_plan_packs_each_group_in_order():
+    plan = varlen_plan(PREFIX, S)
+    total_prefix = int(PREFIX.sum())
+    expected_prefix = [b * S + i for b, k in enumerate(PREFIX.tolist()) for i in range(k)]
+    expected_other = [b * S + i for b, k in enumerate(PREFIX.tolist()) for i in range(k, S)]
+    assert plan["prefix_first"][:total_prefix].tolist() == expected_prefix
+    assert plan["other_first"][:len(expected_other)].tolist() == expected_other
+    assert plan["cu_prefix"].tolist() == [0, *torch.cumsum(PREFIX, 0).tolist()]
+    assert plan["cu_other"].tolist() == [0, *torch.cumsum(S - PREFIX, 0).tolist()]
+    idx = torch.arange(len(PREFIX) * S)
+    assert torch.equal(plan["prefix_first"][plan["prefix_back"]], idx)
+    assert torch.equal(plan["other_first"][plan["other_back"]], idx)
+
+
+def test_varlen_equals_dense_mask_forward_and_backward():
+    q, k, v = qkv()
+    out, ref = varlen_prefix_causal(q, k, v, PREFIX), masked_reference(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_varlen_ignores_rows_past_the_packed_total():
+    """Flash attention leaves rows past cu_seqlens[-1] unwritten; NaN there must not leak."""
+    def poisoned(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale=None):
+        out = attention.varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+        out = out.clone()
+        out[int(cu_q[-1]):] = float("nan")
+        return out
+
+    q, k, v = qkv()
+    out = varlen_prefix_causal(q, k, v, PREFIX, kernel=poisoned)
+    torch.testing.assert_close(out, masked_reference(q, k, v), rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_varlen_negative_control():
+    """A purely causal split (prefix treated as length 1) differs, so the checks above can fail."""
+    q, k, v = qkv(grad=False)
+    wrong = varlen_prefix_causal(q, k, v, torch.ones_like(PREFIX))
+    assert (wrong - masked_reference(q, k, v)).abs().max() > 1e-3
+
+
+def test_flex_forward_equals_dense_mask():
+    q, k, v = qkv(dtype=torch.float32, grad=False, layout="bhsd")
+    out = flex_prefix_causal(q, k, v, PREFIX)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=prefix_causal_allowed(PREFIX, S))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_backward_on_cpu_is_a_clear_error():
+    q, k, v = qkv(dtype=torch.float32, layout="bhsd")
+    with pytest.raises(RuntimeError, match="no backward on CPU"):
+        flex_prefix_causal(q, k, v, PREFIX)
+
+
+def test_kernel_selection(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_kernel("auto", cpu, torch.bfloat16) == "masked"
+    assert resolve_kernel("varlen", cpu, torch.float32) == "varlen"   # the CPU reference
+    monkeypatch.setattr(attention, "flash_varlen_available", lambda: True)
+    assert resolve_kernel("auto", gpu, torch.bfloat16) == "varlen"
+    assert resolve_kernel("auto", gpu, torch.float32) == "masked"   # flash needs half precision
+    with pytest.raises(RuntimeError, match="params_dtype=bf16"):
+        resolve_kernel("varlen", gpu, torch.float32)
+    monkeypatch.setattr(attention, "flash_varlen_available", lambda: False)
+    assert resolve_kernel("auto", gpu, torch.bfloat16) == "masked"
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_kernel("flash", cpu, torch.float32)
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "masked"])
+def test_core_attention_module_layouts(kernel):
+    """The megatron-facing module: [s, b, h, d] in, [s, b, h*d] out; None = bidirectional."""
+    cfg = load_config(None, TINY)
+    trunk_config, _ = transformer_configs(cfg)
+    module = PrefixCausalAttention(trunk_config, 1, None, "self", kernel=kernel)
+    q, k, v = qkv()
+    sbhd = [t.transpose(0, 1) for t in (q, k, v)]
+    out = module(*sbhd, PREFIX)
+    torch.testing.assert_close(out, masked_reference(q, k, v).transpose(0, 1).reshape(S, len(PREFIX), H * D))
+    full = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    torch.testing.assert_close(module(*sbhd, None), full.transpose(0, 1).reshape(S, len(PREFIX), H * D))
+    with pytest.raises(TypeError, match="prefix lengths"):
+        module(*sbhd, ~prefix_causal_allowed(PREFIX, S))
