@@ -69,8 +69,8 @@ def resolve_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> 
 
 
 @functools.lru_cache(maxsize=None)
-def _log_once(message: str) -> None:
-    log.warning(message)
+def _log_once(message: str, level: int = logging.WARNING) -> None:
+    log.log(level, message)
 
 
 # --------------------------------------------------------------------------- varlen (two packed calls)
@@ -116,6 +116,8 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale=None
 
 
 def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale=None):
+    # window (-1, 0) is flash attention's causal flag, which aligns bottom-right when a segment has
+    # fewer queries than keys (torch.nn.attention.bias relies on the same for causal_lower_right).
     from torch.nn.attention.varlen import varlen_attn
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
                        window_size=(-1, 0) if causal else (-1, -1))
@@ -197,6 +199,9 @@ class PrefixCausalAttention(MegatronModule):
         if prefix_len is not None and prefix_len.dtype == torch.bool:
             raise TypeError("PrefixCausalAttention takes prefix lengths [b], not a dense mask")
         kernel = "masked" if prefix_len is None else resolve_kernel(self.kernel, query.device, query.dtype)
+        if prefix_len is not None:
+            _log_once(f"prefix-causal attention kernel: {kernel} (model.attention_kernel={self.kernel})",
+                      logging.INFO)
         if kernel == "varlen":
             out = varlen_prefix_causal(query.transpose(0, 1), key.transpose(0, 1),
                                        value.transpose(0, 1), prefix_len, self.softmax_scale)

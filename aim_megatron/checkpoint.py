@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel import random as mcore_random
 # torch's checkpoint errors derive from BaseException, not Exception.
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
@@ -215,14 +216,23 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPT_METADATA)
     try:
-        loaded = dist_checkpointing.load(state, str(path))
+        # RETURN_UNEXPECTED: entries this model asks for that the checkpoint lacks come back
+        # (and are left out of the read) instead of failing deep inside the reader.
+        loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     except (Exception, TorchCheckpointException) as exc:  # damaged files raise many kinds
         raise CheckpointError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}. "
                               f"It may be damaged; resume from an older step_* directory") from exc
+    # Transformer Engine's FP8 metadata (`_extra_state`) is optional: a checkpoint written with the
+    # local spec (CPU, conversion tools) loads into the TE spec, whose FP8 scales then start fresh.
+    absent = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if absent:
+        raise CheckpointError(f"checkpoint {path} lacks {len(absent)} entries this run needs, e.g. "
+                              f"{', '.join(absent[:3])}. Was it written by another version of "
+                              f"aim-megatron? Convert it or start a new train.output_dir")
 
     for i, chunk in enumerate(model):
         key = "model" if len(model) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        _load_module(_unwrap(chunk), loaded[key], path)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_step(optimizer)
@@ -238,6 +248,14 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
                     "resharded; RNG and data-loader states restart from the sample position",
                     meta.get("layout"), _layout())
     return {"trainer": loaded["trainer"], "data": data_state, "meta": meta}
+
+
+def _load_module(module: torch.nn.Module, state: dict, path: Path) -> None:
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}")
 
 
 # --------------------------------------------------------------------------- optimizer fixes

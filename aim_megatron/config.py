@@ -143,6 +143,9 @@ class TrainConfig:
     fp8: Optional[str] = None
     fp8_recipe: str = "delayed"
     fp8_amax_history_len: int = 1024
+    # FP8 amax reduction group: "tp_dp" = every rank holding the same layers (identical scales on
+    # all data replicas), "tp" = tensor parallel only (less communication).
+    fp8_amax_reduction: str = "tp_dp"
     # Run bookkeeping.
     output_dir: str = "runs/aim"
     log_interval: int = 10
@@ -398,6 +401,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _check(t.fp8 in ("hybrid", "e4m3"), f"train.fp8={t.fp8!r}: use null, 'hybrid' or 'e4m3'")
         _check(t.fp8_recipe in ("delayed", "tensorwise"),
                f"train.fp8_recipe={t.fp8_recipe!r}: use 'delayed' or 'tensorwise'")
+        _check(t.fp8_amax_reduction in ("tp_dp", "tp"),
+               f"train.fp8_amax_reduction={t.fp8_amax_reduction!r}: use 'tp_dp' or 'tp'")
         _check(t.params_dtype == "bf16", "train.fp8 needs train.params_dtype=bf16 (FP8 GEMMs, bf16 "
                                          "activations, fp32 master weights)")
     _check(0.0 <= t.warmup_fraction <= 1.0, "train.warmup_fraction must be within [0, 1]")

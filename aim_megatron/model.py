@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -167,7 +168,7 @@ def transformer_configs(cfg: Config) -> tuple[TransformerConfig, TransformerConf
         common["recompute_modules"] = ["core_attn"]
     if t.fp8 is not None:  # TE layers only; select_backend refuses FP8 without them
         common.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe, fp8_amax_history_len=t.fp8_amax_history_len,
-                      fp8_amax_compute_algo="max")
+                      fp8_amax_compute_algo="max", tp_only_amax_red=t.fp8_amax_reduction == "tp")
     trunk = TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -307,8 +308,10 @@ class PredictionHead(MegatronModule):
             rank = parallel_state.get_tensor_model_parallel_rank()
             pos = pos[rank * chunk:(rank + 1) * chunk]
         x = self.in_proj(x) + pos[:, None, :].to(x.dtype)
-        for block in self.blocks:
-            x, _ = block(x, attention_mask=None)
+        # megatron enters FP8 autocast only inside its TransformerBlock; the head's blocks are ours.
+        with get_fp8_context(self.config):
+            for block in self.blocks:
+                x, _ = block(x, attention_mask=None)
         return self.out_proj(self.norm(x))
 
 

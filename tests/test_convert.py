@@ -146,3 +146,36 @@ def test_import_cli_errors(tmp_path, capsys):
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000100")
     assert convert.main(args) == 1
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_local_checkpoint_loads_into_a_model_with_fp8_metadata(imported_tp2, monkeypatch):
+    """Transformer Engine modules carry `_extra_state` (FP8 scales) that a checkpoint written with
+    the local spec lacks: loading still works. A missing real tensor stays an error that names it."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from aim_megatron.model import AimLayerNorm
+
+    _, dst = imported_tp2
+    step = checkpoint.resolve(dst / "checkpoints")
+    cfg = checkpoint.config_from_checkpoint(step, convert.SINGLE_PROCESS)
+    monkeypatch.setattr(AimLayerNorm, "get_extra_state", lambda self: {"fp8_scale": 1.0}, raising=False)
+    monkeypatch.setattr(AimLayerNorm, "set_extra_state", lambda self, s: None, raising=False)
+    try:
+        parallel.initialize(cfg)
+        (model,) = parallel.build_model(cfg, wrap_ddp=False)
+        assert any(k.endswith("_extra_state") for k in model.sharded_state_dict())
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        checkpoint.load(step, cfg, [model])
+        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+        original = checkpoint.model_sharded_state_dict
+
+        def with_unknown_tensor(chunks):
+            state = original(chunks)
+            state["model"]["trunk.extra.weight"] = ShardedTensor.from_rank_offsets(
+                "trunk.extra.weight", torch.zeros(4))
+            return state
+        monkeypatch.setattr(checkpoint, "model_sharded_state_dict", with_unknown_tensor)
+        with pytest.raises(checkpoint.CheckpointError, match="lacks 1 entries.*trunk.extra.weight"):
+            checkpoint.load(step, cfg, [model])
+    finally:
+        parallel.shutdown()

@@ -245,3 +245,29 @@ def test_fp8_without_transformer_engine_is_a_clear_error(monkeypatch):
         select_backend("local", fp8="e4m3")
     monkeypatch.setattr(model_mod, "transformer_engine_available", lambda: True)
     assert select_backend("auto", fp8="hybrid") == "te"
+
+
+def test_fp8_settings_reach_megatron_and_the_head(monkeypatch):
+    """FP8 recipe and amax group go into both TransformerConfigs, and the head's residual blocks
+    (outside megatron's TransformerBlock, which enters FP8 autocast itself) run inside the FP8
+    context too."""
+    cfg = load_config(None, [*TINY, "train.params_dtype=bf16", "train.fp8=hybrid",
+                             "train.fp8_recipe=tensorwise", "train.fp8_amax_reduction=tp"])
+    for tc in transformer_configs(cfg):
+        assert (tc.fp8, tc.fp8_recipe, tc.tp_only_amax_red) == ("hybrid", "tensorwise", True)
+    cfg = load_config(None, [*TINY, "train.params_dtype=bf16", "train.fp8=e4m3"])
+    assert transformer_configs(cfg)[0].tp_only_amax_red is False  # default: TP x DP group
+
+    import contextlib
+    import aim_megatron.model as model_mod
+    entered = []
+
+    @contextlib.contextmanager
+    def recording(config, *_, **__):
+        entered.append(config)
+        yield
+    monkeypatch.setattr(model_mod, "get_fp8_context", recording)
+    cfg, model = build()
+    images, prefix = batch(cfg)
+    model(images, prefix)
+    assert entered == [model.head.config]
