@@ -134,11 +134,22 @@ def varlen_prefix_causal(q, k, v, prefix_len, scale=None, kernel=None):
     plan = varlen_plan(prefix_len, s)
     qf, kf, vf = (t.reshape(b * s, h, d) for t in (q, k, v))
     pf = plan["prefix_first"]
+    # Each call gets all b*s rows (slicing to its packed total would need the total on the host);
+    # the kernel leaves rows past cu_seqlens[-1] unwritten in its outputs and in its input
+    # gradients. where() keeps those rows out of both directions: their gradients are dropped here
+    # instead of being scattered onto real tokens.
+    rows = torch.arange(b * s, device=q.device)[:, None, None]
+    in_prefix_call, in_other_call = rows < plan["cu_prefix"][-1], rows < plan["cu_other"][-1]
+
+    def only(valid, t):
+        return torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
     # max lengths: s bounds every segment, so no host sync is needed to size the kernel grid.
-    out_prefix = kernel(qf[pf], kf[pf], vf[pf], plan["cu_prefix"], plan["cu_prefix"], s, s,
+    out_prefix = kernel(only(in_prefix_call, qf[pf]), only(in_prefix_call, kf[pf]),
+                        only(in_prefix_call, vf[pf]), plan["cu_prefix"], plan["cu_prefix"], s, s,
                         causal=False, scale=scale)
-    out_other = kernel(qf[plan["other_first"]], kf, vf, plan["cu_other"], plan["cu_full"], s, s,
-                       causal=True, scale=scale)
+    out_other = kernel(only(in_other_call, qf[plan["other_first"]]), kf, vf, plan["cu_other"],
+                       plan["cu_full"], s, s, causal=True, scale=scale)
     # Rows past each call's packed total are never selected (and may be uninitialised): where().
     out = torch.where(plan["is_prefix"][:, None, None],
                       out_prefix[plan["prefix_back"]], out_other[plan["other_back"]])

@@ -55,19 +55,43 @@ def test_varlen_equals_dense_mask_forward_and_backward():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_varlen_ignores_rows_past_the_packed_total():
-    """Flash attention leaves rows past cu_seqlens[-1] unwritten; NaN there must not leak."""
-    def poisoned(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale=None):
-        out = attention.varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
-        out = out.clone()
+class PoisonedVarlen(torch.autograd.Function):
+    """The reference varlen call, but like flash attention it leaves rows past cu_seqlens[-1]
+    unwritten, in its output and in its input gradients: here they are NaN."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, causal):
+        ctx.save_for_backward(q, k, v, cu_q, cu_k)
+        ctx.causal = causal
+        out = attention.varlen_reference(q, k, v, cu_q, cu_k, S, S, causal).clone()
         out[int(cu_q[-1]):] = float("nan")
         return out
 
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, cu_q, cu_k = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = attention.varlen_reference(*inputs, cu_q, cu_k, S, S, ctx.causal)
+            dq, dk, dv = torch.autograd.grad(out, inputs, grad.nan_to_num())
+        dq, dk, dv = dq.clone(), dk.clone(), dv.clone()
+        dq[int(cu_q[-1]):] = float("nan")
+        dk[int(cu_k[-1]):] = float("nan")
+        dv[int(cu_k[-1]):] = float("nan")
+        return dq, dk, dv, None, None, None
+
+
+def test_varlen_ignores_rows_past_the_packed_total():
+    """Rows a flash kernel leaves unwritten (output and input gradients) must not leak."""
+    def poisoned(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale=None):
+        return PoisonedVarlen.apply(q, k, v, cu_q, cu_k, causal)
+
     q, k, v = qkv()
-    out = varlen_prefix_causal(q, k, v, PREFIX, kernel=poisoned)
-    torch.testing.assert_close(out, masked_reference(q, k, v), rtol=1e-12, atol=1e-12)
-    grads = torch.autograd.grad(out.sum(), (q, k, v))
-    assert all(torch.isfinite(g).all() for g in grads)
+    out, ref = varlen_prefix_causal(q, k, v, PREFIX, kernel=poisoned), masked_reference(q, k, v)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_varlen_negative_control():
