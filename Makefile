@@ -1,7 +1,7 @@
 # aim-megatron: the two entry points of the README, plus benchmarks.
 PYTHON ?= python3
 
-.PHONY: setup test demo bench
+.PHONY: setup test demo bench gpu-check
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -17,3 +17,12 @@ demo: setup
 bench: setup
 	$(PYTHON) benchmarks/trunk_throughput.py
 	$(PYTHON) benchmarks/data_throughput.py
+
+# On a GPU machine (e.g. the NGC container of the Dockerfile; no setup: it carries CUDA torch and
+# TE): the GPU-only tests, then the MFU table and the micro-batch x recompute sweep (docs/gpu.md).
+gpu-check:
+	mkdir -p results
+	$(PYTHON) -m pytest -q tests/test_gpu.py tests/test_attention.py
+	$(PYTHON) benchmarks/mfu.py --tp 1 --json results/mfu.json
+	$(PYTHON) benchmarks/mfu.py --tp 1 --sweep-micro-batch 16,32,64 --recompute none,full \
+		--json results/mfu_sweep.json

@@ -284,6 +284,11 @@ def main() -> None:
     print(fmt_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"failed: {r['preset']} TP={r['tp']} {r['kernel']}: {r['error']}: {r.get('detail', '')}",
+              file=sys.stderr)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":
