@@ -32,9 +32,14 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from .config import ATTENTION_KERNELS
+
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "varlen", "flex", "masked")
+
+def check_kernel(kernel: str) -> None:
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"model.attention_kernel={kernel!r}; choose one of {', '.join(ATTENTION_KERNELS)}")
 
 
 def prefix_causal_allowed(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -56,8 +61,7 @@ def flash_varlen_available() -> bool:
 
 def resolve_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The kernel a call runs. Explicit requests that cannot run here fail with the fix."""
-    if requested not in KERNELS:
-        raise ValueError(f"model.attention_kernel={requested!r}; choose one of {', '.join(KERNELS)}")
+    check_kernel(requested)
     half = dtype in (torch.bfloat16, torch.float16)
     if requested == "auto":
         return "varlen" if device.type == "cuda" and half and flash_varlen_available() else "masked"
@@ -194,8 +198,7 @@ class PrefixCausalAttention(MegatronModule):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  kernel: str = "auto", **_):
         super().__init__(config=config)
-        if kernel not in KERNELS:
-            raise ValueError(f"model.attention_kernel={kernel!r}; choose one of {', '.join(KERNELS)}")
+        check_kernel(kernel)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError("AIM uses no attention dropout; the fused prefix-causal kernels "

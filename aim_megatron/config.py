@@ -44,6 +44,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_hidden_size=256, head_ffn_hidden_size=1024, head_num_layers=2,
     ),
 }
+# Prefix-causal attention kernels (aim_megatron/attention.py).
+ATTENTION_KERNELS = ("auto", "varlen", "flex", "masked")
 # Best probe layers per the paper/official code (1-based block indices 15..20 or 13..18).
 BEST_PROBE_LAYERS = {"aim-600M": range(14, 20), "aim-7B": range(14, 20),
                      "aim-1B": range(12, 18), "aim-3B": range(12, 18)}
@@ -346,8 +348,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"(num_patches - 1); set model.prefix_min / model.prefix_max accordingly")
     _check(m.backend in ("auto", "te", "local"),
            f"model.backend={m.backend!r}: choose 'auto', 'te' or 'local'")
-    _check(m.attention_kernel in ("auto", "varlen", "flex", "masked"),
-           f"model.attention_kernel={m.attention_kernel!r}: choose 'auto', 'varlen', 'flex' or 'masked'")
+    _check(m.attention_kernel in ATTENTION_KERNELS,
+           f"model.attention_kernel={m.attention_kernel!r}: choose "
+           + ", ".join(repr(k) for k in ATTENTION_KERNELS[:-1]) + f" or {ATTENTION_KERNELS[-1]!r}")
 
     # Parallel layout.
     _check(min(p.tp, p.pp) >= 1, "parallel.tp and parallel.pp must be >= 1")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import prefix_causal_allowed
 from .config import ModelConfig
 from .model import next_patch_errors, normalized_targets, sincos_2d
 
@@ -112,12 +113,6 @@ class PredictionHead(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.out_proj(self.norm(x))
-
-
-def prefix_causal_allowed(prefix_len: torch.Tensor, n: int) -> torch.Tensor:
-    """[b, 1, n, n] bool, True where query q may attend key k: k < prefix or k <= q."""
-    i = torch.arange(n)
-    return ((i[None, None, :] < prefix_len[:, None, None]) | (i[None, :] <= i[:, None])[None])[:, None]
 
 
 class ReferenceAIM(nn.Module):
