@@ -77,6 +77,24 @@ def _log_once(message: str, level: int = logging.WARNING) -> None:
     log.log(level, message)
 
 
+class _PerMicroBatch:
+    """Masks and index maps depend only on the micro-batch's prefix lengths, which megatron hands
+    every layer (and its recomputation) as the same tensor: build them once, not once per layer.
+    One entry, keyed by that tensor's identity and version; a new micro-batch rebuilds."""
+
+    def __init__(self, build):
+        self.build, self.key, self.value = build, None, None
+
+    def __call__(self, prefix_len: torch.Tensor, seq_len: int):
+        key = (prefix_len, prefix_len._version, seq_len)
+        if self.key is None or self.key[0] is not prefix_len or self.key[1:] != key[1:]:
+            self.key, self.value = key, self.build(prefix_len, seq_len)  # holds prefix_len: id stays unique
+        return self.value
+
+
+_dense_mask_once = _PerMicroBatch(prefix_causal_allowed)
+
+
 # --------------------------------------------------------------------------- varlen (two packed calls)
 
 def varlen_plan(prefix_len: torch.Tensor, seq_len: int) -> dict:
@@ -135,7 +153,7 @@ def varlen_prefix_causal(q, k, v, prefix_len, scale=None, kernel=None):
         if not q.is_cuda:
             _log_once("attention_kernel=varlen without CUDA runs a per-segment SDPA reference "
                       "(correct, slow): use it to test the packing, masked to train")
-    plan = varlen_plan(prefix_len, s)
+    plan = _varlen_plan_once(prefix_len, s)
     qf, kf, vf = (t.reshape(b * s, h, d) for t in (q, k, v))
     pf = plan["prefix_first"]
     # Each call gets all b*s rows (slicing to its packed total would need the total on the host);
@@ -160,6 +178,9 @@ def varlen_prefix_causal(q, k, v, prefix_len, scale=None, kernel=None):
     return out.view(b, s, h, d)
 
 
+_varlen_plan_once = _PerMicroBatch(varlen_plan)
+
+
 # --------------------------------------------------------------------------- flex
 
 @functools.lru_cache(maxsize=1)
@@ -168,15 +189,23 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_prefix_causal(q, k, v, prefix_len, scale=None):
-    """q, k, v: [b, h, s, d]. One FlexAttention call; fully masked blocks are skipped."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    b, _, s, _ = q.shape
+def _flex_block_mask(prefix_len: torch.Tensor, seq_len: int):
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def allowed(batch, head, q_idx, kv_idx):
         return (kv_idx < prefix_len[batch]) | (kv_idx <= q_idx)
 
-    block_mask = create_block_mask(allowed, B=b, H=None, Q_LEN=s, KV_LEN=s, device=q.device)
+    return create_block_mask(allowed, B=prefix_len.numel(), H=None, Q_LEN=seq_len, KV_LEN=seq_len,
+                             device=prefix_len.device)
+
+
+_flex_block_mask_once = _PerMicroBatch(_flex_block_mask)
+
+
+def flex_prefix_causal(q, k, v, prefix_len, scale=None):
+    """q, k, v: [b, h, s, d]. One FlexAttention call; fully masked blocks are skipped."""
+    from torch.nn.attention.flex_attention import flex_attention
+    block_mask = _flex_block_mask_once(prefix_len, q.shape[2])
     if q.is_cuda:
         return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -224,6 +253,6 @@ class PrefixCausalAttention(MegatronModule):
         if kernel == "flex":
             out = flex_prefix_causal(q, k, v, prefix_len, self.softmax_scale)
         else:
-            allowed = None if prefix_len is None else prefix_causal_allowed(prefix_len, s)
+            allowed = None if prefix_len is None else _dense_mask_once(prefix_len, s)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

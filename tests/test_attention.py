@@ -143,3 +143,28 @@ def test_core_attention_module_layouts(kernel):
     torch.testing.assert_close(module(*sbhd, None), full.transpose(0, 1).reshape(S, len(PREFIX), H * D))
     with pytest.raises(TypeError, match="prefix lengths"):
         module(*sbhd, ~prefix_causal_allowed(PREFIX, S))
+
+
+@pytest.mark.parametrize("kernel,cache", [("varlen", "_varlen_plan_once"), ("masked", "_dense_mask_once")])
+def test_masks_are_built_once_per_micro_batch(kernel, cache, monkeypatch):
+    """Every layer (4 here), forward and backward, shares one build per micro-batch; a new
+    micro-batch, or the same tensor changed in place, rebuilds."""
+    from aim_megatron import parallel
+    once = getattr(attention, cache)
+    builds = []
+    original = once.build
+    monkeypatch.setattr(once, "build", lambda p, s: builds.append(p.tolist()) or original(p, s))
+    monkeypatch.setattr(once, "key", None)
+    cfg = load_config(None, [*TINY, "train.micro_batch_size=3", "train.global_batch_size=3",
+                             f"model.attention_kernel={kernel}"])
+    parallel.initialize(cfg)
+    (model,) = parallel.build_model(cfg, wrap_ddp=False)
+    m = cfg.model
+    images = torch.randn(3, m.in_channels, m.image_size, m.image_size)
+    prefix = torch.tensor([1, 5, 15])
+    model(images, prefix).sum().backward()
+    assert builds == [[1, 5, 15]]
+    model(images, torch.tensor([1, 5, 15])).sum().backward()
+    prefix[0] = 2
+    model(images, prefix).sum().backward()
+    assert builds == [[1, 5, 15], [1, 5, 15], [2, 5, 15]]
