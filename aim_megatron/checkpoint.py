@@ -224,7 +224,7 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
                               f"It may be damaged; resume from an older step_* directory") from exc
     # Transformer Engine's FP8 metadata (`_extra_state`) is optional: a checkpoint written with the
     # local spec (CPU, conversion tools) loads into the TE spec, whose FP8 scales then start fresh.
-    absent = sorted(k for k in absent if not k.endswith("_extra_state"))
+    absent = sorted(k for k in absent if not _optional_on_load(k))
     if absent:
         raise CheckpointError(f"checkpoint {path} lacks {len(absent)} entries this run needs, e.g. "
                               f"{', '.join(absent[:3])}. Was it written by another version of "
@@ -250,12 +250,30 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     return {"trainer": loaded["trainer"], "data": data_state, "meta": meta}
 
 
+def _optional_on_load(key: str) -> bool:
+    return key.endswith("_extra_state")  # Transformer Engine's FP8 metadata
+
+
 def _load_module(module: torch.nn.Module, state: dict, path: Path) -> None:
     result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys if not _optional_on_load(k)]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]}")
+
+
+def write_state_dict(sd: dict[str, torch.Tensor], out: Path, metadata: Optional[dict] = None) -> None:
+    """A consolidated single-file state dict (exports): safetensors for a .safetensors path
+    (with string ``metadata``), torch.save otherwise."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(sd, str(out), metadata=metadata)
+    else:
+        torch.save(sd, out)
+    log.info("exported %d tensors (%.1fM parameters) to %s", len(sd),
+             sum(v.numel() for v in sd.values()) / 1e6, out)
 
 
 # --------------------------------------------------------------------------- optimizer fixes

@@ -211,15 +211,6 @@ def export_official(src: Path, probe_path: Optional[Path] = None) -> dict[str, t
     return {**official, **probe_sd}
 
 
-def write_state_dict(sd: dict[str, torch.Tensor], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(sd, str(out))
-    else:
-        torch.save(sd, out)
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
@@ -245,9 +236,7 @@ def main(argv=None) -> int:
         else:
             sd = export_official(args.src, args.probe)
             if dist.get_rank() == 0:
-                write_state_dict(sd, args.out)
-                log.info("exported %d tensors (%.1fM parameters) to %s", len(sd),
-                         sum(v.numel() for v in sd.values()) / 1e6, args.out)
+                checkpoint.write_state_dict(sd, args.out)
 
     # ValueError covers ConvertError and ConfigError.
     return parallel.run_cli("convert_checkpoint", body,

@@ -70,14 +70,7 @@ def export(src: Path, out: Path, names: str, with_head: bool) -> dict[str, torch
     if not with_head:
         full = {k: v for k, v in full.items() if not k.startswith("head.")}
     full = {k: v.contiguous() for k, v in full.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(full, str(out), metadata={"model": str(cfg.model.preset), "names": names})
-    else:
-        torch.save(full, out)
-    log.info("exported %d tensors (%.1fM parameters) to %s", len(full),
-             sum(v.numel() for v in full.values()) / 1e6, out)
+    checkpoint.write_state_dict(full, out, metadata={"model": str(cfg.model.preset), "names": names})
     return full
 
 
