@@ -208,7 +208,7 @@ def fmt_table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r["preset"], str(r["micro_batch"]), str(r["tp"]),
-                 r["dtype"] if r.get("fp8") is None else f"fp8-{r['fp8_recipe']}",
+                 Row(**{k: r[k] for k in Row.__dataclass_fields__}).precision,
                  r["kernel"], r["recompute"]]
         if "skip" in r or "error" in r:
             note = f"skipped: {r['skip']}" if "skip" in r else f"failed: {r['error']}"
