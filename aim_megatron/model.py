@@ -89,7 +89,7 @@ def _init_device(config: TransformerConfig):
 
 # Checkpoints store layer norms under Transformer Engine's names (as Megatron-LM's local GPT spec
 # does), so one checkpoint loads into either backend.
-_TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                  "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
@@ -107,8 +107,8 @@ def layer_spec(backend: str, with_attention: bool = True, attention_kernel: str 
     else:
         norm, qkv, proj = AimLayerNorm, ColumnParallelLinear, RowParallelLinear
         fc1, fc2 = ColumnParallelLinear, RowParallelLinear
-        keys_map = dict(_TE_NORM_KEYS) if with_attention else {
-            "pre_mlp_layernorm.": _TE_NORM_KEYS["pre_mlp_layernorm."]}
+        keys_map = dict(TE_NORM_KEYS) if with_attention else {
+            "pre_mlp_layernorm.": TE_NORM_KEYS["pre_mlp_layernorm."]}
     attention = IdentityOp
     if with_attention:
         attention = ModuleSpec(

@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from . import cpu_shims
 from .config import Config, ConfigError, num_microbatches, validate
-from .model import AIMModel, build_model_chunk, loss_mask, select_backend
+from .model import TE_NORM_KEYS, AIMModel, build_model_chunk, loss_mask, select_backend
 
 log = logging.getLogger(__name__)
 
@@ -253,12 +253,7 @@ def split_microbatches(cfg: Config, global_batch: dict, world_size: int) -> list
 
 _LAYER_RE = re.compile(r"^trunk\.layers\.(\d+)\.")
 # Transformer Engine fuses the pre-norms into the next linear; full dicts use the local names.
-_TE_TO_LOCAL = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-}
+_TE_TO_LOCAL = {te + p: local + p for local, te in TE_NORM_KEYS.items() for p in ("weight", "bias")}
 
 
 def _unwrap(chunk: torch.nn.Module) -> AIMModel:
