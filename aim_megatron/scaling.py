@@ -242,7 +242,8 @@ def run_is_complete(run_dir: str | Path, train_iters: int) -> bool:
     vals = [r["step"] for r in records if "val_loss" in r]
     needs_val = expects_validation(run_dir)
     needs_val = bool(vals) if needs_val is None else needs_val
-    return bool(steps) and _complete(max(steps), max(vals, default=None), train_iters, needs_val)
+    return logged_complete(records, train_iters) or (
+        bool(steps) and _complete(max(steps), max(vals, default=None), train_iters, needs_val))
 
 
 def _trainer_env() -> dict[str, str]:
@@ -402,7 +403,8 @@ def _parse_line(line: str) -> Optional[dict]:
 
 def read_metrics(path: str | Path) -> tuple[list[dict], int]:
     """(records, unreadable line count). Records are deduplicated per (kind, step), keeping the last
-    one, since a resumed trainer re-logs steps after its last checkpoint; sorted by step."""
+    one, since a resumed trainer re-logs steps after its last checkpoint; sorted by step. Kinds:
+    train (has "loss"), val (has "val_loss"), event (has "event", e.g. the final "complete")."""
     path = Path(path)
     if not path.is_file():
         return [], 0
@@ -415,9 +417,18 @@ def read_metrics(path: str | Path) -> tuple[list[dict], int]:
         if rec is None:
             bad += 1
             continue
-        kind = "val" if "val_loss" in rec else "train"
-        latest[(kind, rec["step"])] = rec
-    return sorted(latest.values(), key=lambda r: (r["step"], "val_loss" in r)), bad
+        latest[(record_kind(rec), rec["step"])] = rec
+    order = {"train": 0, "val": 1, "event": 2}
+    return sorted(latest.values(), key=lambda r: (r["step"], order[record_kind(r)])), bad
+
+
+def record_kind(rec: dict) -> str:
+    return "event" if "event" in rec else "val" if "val_loss" in rec else "train"
+
+
+def logged_complete(records: list[dict], train_iters: int) -> bool:
+    """The trainer's own "complete" record (written after the final evaluation and checkpoint)."""
+    return any(r.get("event") == "complete" and r["step"] >= train_iters for r in records)
 
 
 @dataclass
@@ -456,7 +467,8 @@ def collect_run(run_dir: str | Path, run: dict[str, Any]) -> RunResult:
         res.last_step = train[-1]["step"]
         needs_val = expects_validation(run_dir)
         needs_val = bool(res.curve) if needs_val is None else needs_val
-        res.complete = _complete(res.last_step, res.final_val_step, run["train_iters"], needs_val)
+        res.complete = logged_complete(records, run["train_iters"]) or _complete(
+            res.last_step, res.final_val_step, run["train_iters"], needs_val)
         tail = [float(r["loss"]) for r in train[-5:]]
         res.final_train_loss = sum(tail) / len(tail)
     return res

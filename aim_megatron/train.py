@@ -251,6 +251,7 @@ class Trainer:
             progress.close()
         self._log_eval(self.evaluate())
         self.save()
+        self._log_complete()
         return EXIT_OK
 
     # ------------------------------------------------------------------ logging
@@ -316,6 +317,15 @@ class Trainer:
         if self.is_logger and val_loss is not None:
             self._write_metrics({"step": self.step, "val_loss": val_loss})
             log.info("step %d validation loss %.4f", self.step, val_loss)
+
+    def _log_complete(self) -> None:
+        """The last record of a finished run (after its final evaluation and checkpoint), so sweeps
+        and schedulers need not infer completion from step counts."""
+        if self.is_logger:
+            self.metrics.write(json.dumps({"step": self.step, "event": "complete",
+                                           "images_seen": self.step * self.cfg.train.global_batch_size,
+                                           "skipped_steps": self.skipped_steps}) + "\n")
+            self.metrics.flush()
 
     def close(self) -> None:
         if self.train_loader is not None and hasattr(self.train_loader, "close"):

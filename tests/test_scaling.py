@@ -194,6 +194,25 @@ def test_run_is_complete_only_after_the_final_evaluation(tmp_path):
     assert not S.run_is_complete(tmp_path, 4)
 
 
+def test_trainers_complete_record_decides_and_keeps_the_last_train_record(tmp_path):
+    # Synthetic data without a val split: step counts alone cannot tell whether the run validated
+    # at the end; the trainer's "complete" record can. It must not replace the step's train record.
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"train_sources": ["synthetic"]}}))
+    train = [{"step": s, "images_seen": 32 * s, "loss": 2.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 5)]
+    done = {"step": 4, "event": "complete", "images_seen": 128, "skipped_steps": 0}
+    run = {"name": "r", "trunk_params": 1000, "images": 128, "flops_per_image": 10.0,
+           "train_iters": 4, "global_batch_size": 32}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train))
+    assert not S.run_is_complete(tmp_path, 4) and not S.collect_run(tmp_path, run).complete
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train + [done]))
+    records, _ = S.read_metrics(tmp_path / "metrics.jsonl")
+    assert [S.record_kind(r) for r in records] == ["train"] * 4 + ["event"]
+    res = S.collect_run(tmp_path, run)
+    assert S.run_is_complete(tmp_path, 4) and res.complete and res.last_step == 4
+    assert res.final_train_loss == pytest.approx(np.mean([1.9, 1.8, 1.7, 1.6]))
+    assert not S.run_is_complete(tmp_path, 8)   # a record from a shorter schedule does not count
+
+
 def test_flops_come_from_the_trainers_count(sweep):
     from aim_megatron import flops, sizing
     spec, _, out = sweep

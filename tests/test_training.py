@@ -45,6 +45,11 @@ def val_losses(out: Path) -> list[float]:
     return [r["val_loss"] for r in records if "val_loss" in r]
 
 
+def events(out: Path) -> list[tuple[int, str]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["event"]) for r in records if "event" in r]
+
+
 def test_loss_goes_down(tmp_path):
     pretrain(tmp_path, ["train.train_iters=40", "train.eval_interval=20", "train.lr=3e-3"])
     curve = losses(tmp_path)
@@ -53,6 +58,8 @@ def test_loss_goes_down(tmp_path):
     vals = val_losses(tmp_path)
     assert len(vals) == 2 and vals[-1] < vals[0]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000040"
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == {"step": 40, "event": "complete", "images_seen": 40 * 8, "skipped_steps": 0}
 
 
 @pytest.mark.parametrize("nproc,layout", [
@@ -65,8 +72,9 @@ def test_resume_is_bit_exact(tmp_path, nproc, layout):
     run = ["train.train_iters=8", *layout]
     pretrain(full, run, nproc)
     pretrain(split, run + ["train.exit_after_steps=4"], nproc)
-    assert max(losses(split)) == 4
+    assert max(losses(split)) == 4 and events(split) == []   # stopped early: not complete
     pretrain(split, run, nproc)
+    assert events(split) == [(8, "complete")]
     a, b = losses(full), losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
