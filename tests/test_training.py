@@ -60,6 +60,15 @@ def test_loss_goes_down(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_00000040"
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert last == {"step": 40, "event": "complete", "images_seen": 40 * 8, "skipped_steps": 0}
+    # The loss-curve tool plots every train step (the final "complete" record is not one) and each eval.
+    proc = subprocess.run([sys.executable, "tools/plot_metrics.py", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
+    import runpy
+    train, val = runpy.run_path(str(ROOT / "tools" / "plot_metrics.py"))["read_metrics"](tmp_path)
+    assert [r["step"] for r in train] == list(range(1, 41)) and {r["step"]: r["loss"] for r in train} == curve
+    assert [r["val_loss"] for r in val] == vals
 
 
 @pytest.mark.parametrize("nproc,layout", [

@@ -6,25 +6,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, val records), last record per step (a resumed run re-logs steps)."""
+    from aim_megatron.scaling import read_metrics as read_records, record_kind
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} an aim-pretrain train.output_dir?")
-    train, val = [], []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        (val if "val_loss" in rec else train).append(rec)
-    # A resumed run appends: keep the last record of each step.
-    dedup = lambda recs: sorted({r["step"]: r for r in recs}.values(), key=lambda r: r["step"])
-    return dedup(train), dedup(val)
+    records, _ = read_records(path)
+    return ([r for r in records if record_kind(r) == "train"],
+            [r for r in records if record_kind(r) == "val"])
 
 
 def plot(run_dir: Path, out: Path) -> Path:
