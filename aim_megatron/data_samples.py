@@ -15,6 +15,8 @@ from aim_megatron.data_shards import read_idx
 
 INSTALL_HINT = "run scripts/install_data.sh (installs the Debian data packages)"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot"]
 OPENCV_EXAMPLES = Path("/usr/share/doc/opencv-doc/examples")
 PHOTO_DIRS = [OPENCV_EXAMPLES, Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers")]
 

@@ -1,8 +1,8 @@
 """Frozen-trunk probes for AIM: the paper's attentive probe and a linear probe on averaged tokens.
 
     python -m aim_megatron.probe --checkpoint runs/demo/checkpoints [--random-init] \\
-        [--config probe.yaml] [--data fashion-mnist] [--train-samples N] [--test-samples N] \\
-        [--out DIR] [probe.kind=linear probe.layers=best parallel.tp=2 ...]
+        [--config probe.yaml] [--data fashion-mnist|X.npz|DIR] [--train-data SRC --test-data SRC] \\
+        [--train-samples N] [--test-samples N] [--out DIR] [probe.kind=linear parallel.tp=2 ...]
     torchrun --nproc_per_node 4 -m aim_megatron.probe ... parallel.tp=2     # TP=2 x DP=2
 
 Features are the mean of raw trunk block outputs (``AIMModel.block_features``, bidirectional
@@ -14,6 +14,8 @@ the probe trains on global batches drawn from one permutation shared by all rank
 takes the samples of the batch that lie in its shard, BatchNorm statistics and gradients are
 summed over the data-parallel group, so DP=N trains the same probe as one process.
 Any saved TP/PP layout loads: the trunk is built with parallel.pp=1 and ``checkpoint.load`` reshards.
+Images are read by the data path (shards or class-per-folder trees; Fashion-MNIST and .npz arrays too)
+and preprocessed as the trainer's validation split; corrupt images are skipped and counted.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from .config import BEST_PROBE_LAYERS, PRESETS, ConfigError, DataConfig, ModelConfig, _coerce
+from .config import BEST_PROBE_LAYERS, PRESETS, ConfigError, ModelConfig, _coerce
 
 log = logging.getLogger("aim_megatron.probe")
 
@@ -343,83 +345,137 @@ def evaluate(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor, num
             "num_samples": n, "confusion_matrix": cm}
 
 
-# --------------------------------------------------------------------------- data adapter
-# Labelled uint8 arrays -> model inputs. Small and separate so the shared data path
-# (aim_megatron/data.py) can replace it.
+# --------------------------------------------------------------------------- data
+# Labelled images, decoded and preprocessed exactly as the trainer's validation split
+# (data_torch.augment with train=False: centered square, bicubic resize, normalization).
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot"]
+class LabelledImages(torch.utils.data.Dataset):
+    """One split of labelled images: item i -> (model input [C, S, S] or None if the image is
+    corrupt, label, name). ``read(j)`` gives (PIL image or None, label, name) of sample j of the
+    underlying data; ``indices`` picks the samples (all, or a fixed seeded subset)."""
+
+    def __init__(self, spec: str, read, indices: np.ndarray, class_names: list[str], cfg=None):
+        self.spec, self.read, self.indices, self.class_names, self.cfg = spec, read, indices, class_names, cfg
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        from .data_torch import augment
+        img, label, name = self.read(int(self.indices[i]))
+        if img is None:
+            return None, label, name
+        return augment(img, np.random.default_rng(0), self.cfg, train=False), label, name
 
 
-@dataclass
-class LabelledImages:
-    images: np.ndarray          # uint8 [N, H, W] (grayscale) or [N, H, W, 3]
-    labels: np.ndarray          # int64 [N]
-    class_names: list[str] = field(default_factory=list)
+class _ArrayReader:
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __call__(self, j: int):
+        from PIL import Image
+        return Image.fromarray(np.ascontiguousarray(self.images[j])), int(self.labels[j]), f"#{j}"
 
 
-def load_labelled(spec: str, split: str, max_samples: Optional[int] = None,
+class _SourceReader:
+    """Samples of a data-path source (shards or a class-per-folder image tree) by index."""
+
+    def __init__(self, source):
+        from .data_torch import SampleTable
+        self.table = SampleTable(source)
+
+    def __call__(self, j: int):
+        import io
+        from PIL import Image
+        data, label, name = self.table.get(j)
+        if not data:
+            return None, label, name
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except Exception:  # truncated, not an image: PIL raises OSError, SyntaxError, ValueError, ...
+            return None, label, name
+        return img, label, name
+
+
+def split_spec(data_spec: str, split: str) -> str:
+    """The source of one split: ``DIR/train`` for "train"; ``DIR/test`` or else ``DIR/val`` for "test"."""
+    names = ["train"] if split == "train" else ["test", "val"]
+    for name in names:
+        if (Path(data_spec) / name).exists():
+            return str(Path(data_spec) / name)
+    raise FileNotFoundError(f"--data {data_spec}: no {' or '.join(names)} sub-folder; give a directory "
+                            f"with train/ and test/ (or val/) splits, or --train-data and --test-data")
+
+
+def open_labelled(spec: str, split: str, cfg, max_samples: Optional[int] = None,
                   subset_seed: int = 0) -> LabelledImages:
-    """``spec`` is "fashion-mnist" (Debian dataset-fashion-mnist) or an .npz file holding
-    {train,test}_images (uint8) and {train,test}_labels (+ optional class_names). With
-    ``max_samples`` a fixed seeded subset is taken (the same for every probe run)."""
+    """``spec``: "fashion-mnist" (Debian dataset-fashion-mnist), an .npz holding {split}_images
+    (uint8 [N, H, W(, 3)]), {split}_labels (+ optional class_names), or any labelled source of the
+    data path: a shard directory / .tar / glob with .cls labels or an image folder with one
+    sub-folder per class. With ``max_samples`` a fixed seeded subset is taken (the same every run)."""
     if spec == "fashion-mnist":
-        from .data_shards import read_idx
-        prefix = "train" if split == "train" else "t10k"
-        files = [FASHION_MNIST_DIR / f"{prefix}-{kind}-idx{d}-ubyte.gz" for kind, d in (("images", 3), ("labels", 1))]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{missing[0]} is missing; install it with "
-                                    f"`apt-get install -y dataset-fashion-mnist`")
-        data = LabelledImages(read_idx(files[0]), read_idx(files[1]).astype(np.int64),
-                              list(FASHION_MNIST_CLASSES))
-    else:
-        path = Path(spec)
-        if path.suffix != ".npz" or not path.is_file():
-            raise FileNotFoundError(f"--data {spec}: use 'fashion-mnist' or an existing .npz file with "
-                                    f"train_images/train_labels/test_images/test_labels")
-        arrays = np.load(path, allow_pickle=False)
+        from .data_samples import FASHION_MNIST_CLASSES, fashion_mnist
+        images, labels = fashion_mnist(split)
+        read, n, names = _ArrayReader(images, labels), len(labels), list(FASHION_MNIST_CLASSES)
+    elif spec.endswith(".npz"):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"{spec} does not exist; an .npz needs train_images/train_labels/"
+                                    f"test_images/test_labels (uint8 images, integer labels)")
+        arrays = np.load(spec, allow_pickle=False)
+        labels = arrays[f"{split}_labels"].astype(np.int64)
         names = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else []
-        data = LabelledImages(arrays[f"{split}_images"], arrays[f"{split}_labels"].astype(np.int64), names)
-    if max_samples is not None and max_samples < len(data.labels):
-        keep = np.sort(np.random.default_rng(subset_seed).permutation(len(data.labels))[:max_samples])
-        data = LabelledImages(data.images[keep], data.labels[keep], data.class_names)
-    return data
+        read, n = _ArrayReader(arrays[f"{split}_images"], labels), len(labels)
+    else:
+        from .data import resolve_source
+        try:
+            source = resolve_source(spec)
+        except ValueError as exc:
+            raise FileNotFoundError(str(exc)) from None
+        if not source.has_labels:
+            raise FileNotFoundError(f"{spec} has no labels: the probe needs class sub-folders (image "
+                                    f"folder) or .cls entries (shards, tools/make_shards.py)")
+        read, n, names = _SourceReader(source), source.num_samples, list(source.classes)
+    indices = np.arange(n)
+    if max_samples is not None and max_samples < n:
+        indices = np.sort(np.random.default_rng(subset_seed).permutation(n)[:max_samples])
+    return LabelledImages(spec, read, indices, names, cfg)
 
 
-def to_model_input(images: np.ndarray, model: ModelConfig, data: DataConfig) -> torch.Tensor:
-    """uint8 [b, H, W(, 3)] -> float [b, C, S, S]: channels matched to the model, resized to its
-    image size (bilinear, antialiased) and normalized as in pre-training."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0
-    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    if x.shape[1] != model.in_channels:
-        x = x.mean(dim=1, keepdim=True) if model.in_channels == 1 else x[:, :1].expand(-1, model.in_channels, -1, -1)
-    if x.shape[-2:] != (model.image_size, model.image_size):
-        x = F.interpolate(x, size=(model.image_size, model.image_size), mode="bilinear",
-                          align_corners=False, antialias=True)
-    mean, std = data.normalization(model.in_channels)
-    return (x - torch.tensor(mean)[None, :, None, None]) / torch.tensor(std)[None, :, None, None]
+def _collate_good(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    good = [it for it in items if it[0] is not None]
+    images = torch.stack([it[0] for it in good]) if good else None
+    return images, torch.tensor([it[1] for it in good], dtype=torch.int64), [it[2] for it in items if it[0] is None]
 
 
 # --------------------------------------------------------------------------- features
 
 @torch.no_grad()
-def extract_features(trunk, images: np.ndarray, layers: list[int], model: ModelConfig,
-                     data: DataConfig, batch_size: int, mean_tokens: bool = False) -> torch.Tensor:
-    """Cached frozen-trunk features [n, N, D] (or the token mean [n, D]) of uint8 images.
-    Collective over the tensor-parallel group: its ranks must pass the same images."""
+def extract_features(trunk, images: LabelledImages, lo: int, hi: int, layers: list[int],
+                     batch_size: int, num_workers: int = 0, mean_tokens: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Frozen-trunk features of items [lo, hi): ([n, N, D] or the token mean [n, D], labels [n],
+    names of corrupt images, which are skipped). Collective over the tensor-parallel group: its
+    ranks must pass the same items."""
     from . import cpu_shims
+    from .data_torch import _single_thread
     trunk.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = to_model_input(images[start:start + batch_size], model, data).to(cpu_shims.device())
-        feats = trunk.block_features(x, layers).cpu()
-        out.append(feats.mean(dim=1) if mean_tokens else feats)
-    if not out:
-        shape = (0, model.hidden_size) if mean_tokens else (0, model.num_patches, model.hidden_size)
-        return torch.zeros(shape)
-    return torch.cat(out)
+    m = images.cfg.model
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(images, range(lo, hi)), batch_size=batch_size, collate_fn=_collate_good,
+        num_workers=num_workers, worker_init_fn=_single_thread if num_workers else None)
+    feats, labels, corrupt = [], [], []
+    for x, y, bad in loader:
+        corrupt += bad
+        if x is None:
+            continue
+        f = trunk.block_features(x.to(cpu_shims.device()), layers).cpu()
+        feats.append(f.mean(dim=1) if mean_tokens else f)
+        labels.append(y)
+    if not feats:
+        shape = (0, m.hidden_size) if mean_tokens else (0, m.num_patches, m.hidden_size)
+        return torch.zeros(shape), torch.zeros(0, dtype=torch.int64), corrupt
+    return torch.cat(feats), torch.cat(labels), corrupt
 
 
 # --------------------------------------------------------------------------- outputs
@@ -490,15 +546,29 @@ def find_checkpoint(path: str | Path) -> Path:
         f"{path} is not a checkpoint: pass RUN/checkpoints/step_*, RUN/checkpoints or RUN")
 
 
-def run_probe(cfg, ckpt: Path, probe_cfg: ProbeConfig, data_spec: str, out_dir: Optional[Path],
+def data_specs(data: str, train_data: Optional[str] = None, test_data: Optional[str] = None) -> dict[str, str]:
+    """The source of each split: explicit --train-data/--test-data, or from --data."""
+    if (train_data is None) != (test_data is None):
+        raise FileNotFoundError("give both --train-data and --test-data (or neither, and --data)")
+    if train_data is not None:
+        return {"train": train_data, "test": test_data}
+    if data == "fashion-mnist" or data.endswith(".npz"):
+        return {"train": data, "test": data}
+    return {split: split_spec(data, split) for split in ("train", "test")}
+
+
+def run_probe(cfg, ckpt: Path, probe_cfg: ProbeConfig, specs: dict[str, str], out_dir: Optional[Path],
               train_samples: Optional[int] = None, test_samples: Optional[int] = None,
               random_init: bool = False) -> dict:
     """Build the trunk (loaded from ``ckpt`` unless ``random_init``), cache features, train and
-    evaluate the probe; rank 0 writes metrics.json, confusion.png and probe.pt to ``out_dir``."""
+    evaluate the probe; rank 0 writes metrics.json, confusion.png and probe.pt to ``out_dir``.
+    ``specs``: the data of the "train" and "test" splits (see :func:`open_labelled`)."""
     from megatron.core import parallel_state
     from . import checkpoint, parallel
     m = cfg.model
     layers = resolve_layers(probe_cfg.layers, m)
+    images = {split: open_labelled(specs[split], split, cfg, limit)   # fail before the trunk is built
+              for split, limit in (("train", train_samples), ("test", test_samples))}
     (trunk,) = parallel.build_model(cfg, wrap_ddp=False)
     if not random_init:
         checkpoint.load(ckpt, cfg, [trunk])
@@ -508,17 +578,27 @@ def run_probe(cfg, ckpt: Path, probe_cfg: ProbeConfig, data_spec: str, out_dir: 
     rank0 = dist.get_rank() == 0
     timings: dict[str, float] = {}
 
-    splits = {}
+    splits, num_corrupt = {}, {}
     t0 = time.perf_counter()
-    for split, limit in (("train", train_samples), ("test", test_samples)):
-        data = load_labelled(data_spec, split, limit)
-        lo, hi = shard_bounds(len(data.labels), dp_rank, dp_size)
-        feats = extract_features(trunk, data.images[lo:hi], layers, m, cfg.data,
-                                 probe_cfg.feature_batch_size, mean_tokens=probe_cfg.kind == "linear")
-        splits[split] = (feats, torch.from_numpy(data.labels[lo:hi]), lo, len(data.labels), data.class_names)
+    for split, data in images.items():
+        lo, hi = shard_bounds(len(data), dp_rank, dp_size)
+        feats, labels, corrupt = extract_features(trunk, data, lo, hi, layers, probe_cfg.feature_batch_size,
+                                                  cfg.data.num_workers, mean_tokens=probe_cfg.kind == "linear")
+        for name in corrupt[:20]:
+            log.warning("%s: skipped corrupt image %s", split, name)
+        # Corrupt images are dropped, so the split is the concatenation of every rank's good samples:
+        # a rank's global offset is the count of good samples on the ranks before it.
+        counts = torch.zeros(dp_size + 1, dtype=torch.int64)
+        counts[dp_rank], counts[dp_size] = len(labels), len(corrupt)
+        _all_reduce(counts, group)
+        start, total = int(counts[:dp_rank].sum()), int(counts[:dp_size].sum())
+        splits[split] = (feats, labels, start, total, data.class_names)
+        num_corrupt[split] = int(counts[dp_size])
         if rank0:
-            log.info("%s features: %d images (%d on this rank), layers %s, %s", split, len(data.labels),
-                     hi - lo, layers, tuple(feats.shape[1:]))
+            log.info("%s features: %d images of %s (%d on this rank), %d corrupt skipped, layers %s, %s",
+                     split, total, data.spec, len(labels), num_corrupt[split], layers, tuple(feats.shape[1:]))
+        if total == 0:
+            raise FileNotFoundError(f"{data.spec}: no readable {split} images")
     timings["features_s"] = time.perf_counter() - t0
     # Classes: the largest label over every rank's shards (and the dataset's class names).
     all_labels = torch.cat([splits["train"][1], splits["test"][1]])
@@ -539,7 +619,7 @@ def run_probe(cfg, ckpt: Path, probe_cfg: ProbeConfig, data_spec: str, out_dir: 
     metrics = {
         "top1": result["top1"], "top5": result["top5"], "num_test": result["num_samples"],
         "num_train": n_train, "num_classes": num_classes, "kind": probe_cfg.kind, "layers": layers,
-        "checkpoint": str(ckpt), "random_init": random_init, "data": data_spec,
+        "checkpoint": str(ckpt), "random_init": random_init, "data": specs, "num_corrupt": num_corrupt,
         "train_loss_per_epoch": history, "probe_config": dataclasses.asdict(probe_cfg),
         "world_size": dist.get_world_size(), "tp": cfg.parallel.tp, "dp": dp_size,
         "class_names": class_names, "confusion_matrix": result["confusion_matrix"].tolist(),
@@ -562,7 +642,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--random-init", action="store_true",
                     help="probe a randomly initialised trunk of the checkpoint's architecture (baseline)")
     ap.add_argument("--config", help="YAML file with a 'probe:' section")
-    ap.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' or an .npz of labelled arrays")
+    ap.add_argument("--data", default="fashion-mnist",
+                    help="'fashion-mnist', an .npz of labelled arrays, or a directory with train/ and test/ "
+                         "(or val/) labelled sources: shard directories or class-per-folder image trees")
+    ap.add_argument("--train-data", help="labelled source of the training split (shards, .tar, glob, image folder)")
+    ap.add_argument("--test-data", help="labelled source of the test split (with --train-data)")
     ap.add_argument("--train-samples", type=int, help="seeded subset of the training split")
     ap.add_argument("--test-samples", type=int, help="seeded subset of the test split")
     ap.add_argument("--out", type=Path, help="output directory (default RUN/probe/<kind>-<layers>)")
@@ -589,13 +673,14 @@ def main(argv=None) -> int:
             raise ConfigError("the probe needs the whole trunk on every rank: keep parallel.pp=1 "
                               "(a checkpoint saved with any pipeline layout loads into it)")
         resolve_layers(probe_cfg.layers, cfg.model)  # fail before starting processes
+        specs = data_specs(args.data, args.train_data, args.test_data)
         parallel.initialize(cfg)
     except (ConfigError, checkpoint.CheckpointError, FileNotFoundError) as exc:
         print(f"aim-probe: {exc}", file=sys.stderr)
         return 1
     def body() -> None:
         out = args.out or default_out_dir(ckpt, probe_cfg, args.random_init)
-        metrics = run_probe(cfg, ckpt, probe_cfg, args.data, out, args.train_samples,
+        metrics = run_probe(cfg, ckpt, probe_cfg, specs, out, args.train_samples,
                             args.test_samples, args.random_init)
         if dist.get_rank() == 0:
             print(f"{probe_cfg.kind} probe, layers {metrics['layers']}"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-runs/demo}"
 DATA="${DATA:-data/fashion-mnist}"
-PROBE_ARGS=(--data fashion-mnist --train-samples 10000 --test-samples 2000)
+PROBE_ARGS=(--data "$DATA" --train-samples 10000 --test-samples 2000)   # the shards of step 1
 
 echo "== 1/4 WebDataset shards of Fashion-MNIST (60k train, 10k test) in $DATA"
 for split in train test; do

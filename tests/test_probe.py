@@ -1,6 +1,7 @@
 """Probes on a frozen AIM trunk: the attentive probe's structure and math, layer sets, top-k and
-confusion-matrix arithmetic, learning a separable task, and the aim-probe command on real
-Fashion-MNIST giving the same probe under TP=2 x DP=2 as in one process."""
+confusion-matrix arithmetic, learning a separable task, the aim-probe command on real
+Fashion-MNIST giving the same probe under TP=2 x DP=2 as in one process, and on a real image
+folder with corrupt files under DP=2 as in one process."""
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from aim_megatron import probe as P
 from aim_megatron.config import ConfigError, ModelConfig
+from aim_megatron.data_samples import REAL_JPEGS
 from conftest import run_distributed
 from test_training import pretrain
 
@@ -163,22 +165,88 @@ def test_probe_command_errors(tiny_checkpoint, capsys):
     assert "is not a checkpoint" in capsys.readouterr().err
 
 
-def test_data_adapter_npz_and_model_input(tmp_path):
-    from aim_megatron.config import DataConfig
-    rgb = np.zeros((3, 20, 20, 3), dtype=np.uint8)
+def test_probe_data_npz_fashion_mnist_and_folders(tmp_path):
+    from aim_megatron.config import Config
+    from aim_megatron.data_samples import make_real_jpeg_folder
+
+    def cfg(channels):
+        c = Config()
+        c.model.image_size, c.model.in_channels = 16, channels
+        return c
+
+    rgb = np.zeros((3, 20, 24, 3), dtype=np.uint8)
     rgb[1] = 255
     np.savez(tmp_path / "d.npz", train_images=rgb, train_labels=np.array([0, 1, 2]),
              test_images=rgb[:2], test_labels=np.array([2, 1]), class_names=np.array(["a", "b", "c"]))
-    data = P.load_labelled(str(tmp_path / "d.npz"), "train", max_samples=2)
-    assert len(data.labels) == 2 and data.class_names == ["a", "b", "c"]
-    x = P.to_model_input(rgb, ModelConfig(image_size=16, in_channels=1), DataConfig())
-    assert x.shape == (3, 1, 16, 16)  # RGB -> gray, resized 20 -> 16
+    data = P.open_labelled(str(tmp_path / "d.npz"), "train", cfg(1), max_samples=2)
+    assert len(data) == 2 and data.class_names == ["a", "b", "c"]
+    whole = P.open_labelled(str(tmp_path / "d.npz"), "train", cfg(1))
+    x = torch.stack([whole[i][0] for i in range(3)])
+    assert x.shape == (3, 1, 16, 16)  # RGB -> gray, centered 20x20 square resized to 16 (validation crop)
     torch.testing.assert_close(x[1], torch.ones(1, 16, 16))    # (1 - 0.5) / 0.5
     torch.testing.assert_close(x[0], -torch.ones(1, 16, 16))
-    gray = P.load_labelled("fashion-mnist", "test", max_samples=10)
-    assert gray.images.shape == (10, 28, 28) and gray.images.dtype == np.uint8
-    x = P.to_model_input(gray.images, ModelConfig(image_size=16, in_channels=3), DataConfig())
-    assert x.shape == (10, 3, 16, 16)  # gray repeated to RGB, then ImageNet mean/std per channel
-    torch.testing.assert_close(x[:, 0] * 0.229 + 0.485, x[:, 2] * 0.225 + 0.406)
-    with pytest.raises(FileNotFoundError, match="'fashion-mnist' or an existing .npz"):
-        P.load_labelled(str(tmp_path / "missing.npz"), "train")
+    gray = P.open_labelled("fashion-mnist", "test", cfg(3), max_samples=10)
+    x, label, _ = gray[0]
+    assert len(gray) == 10 and x.shape == (3, 16, 16) and 0 <= label < 10  # gray -> RGB, ImageNet mean/std
+    torch.testing.assert_close(x[0] * 0.229 + 0.485, x[2] * 0.225 + 0.406)
+    with pytest.raises(FileNotFoundError, match="train_images/train_labels"):
+        P.open_labelled(str(tmp_path / "missing.npz"), "train", cfg(1))
+
+    # An image folder with class sub-folders: labels from the folders, corrupt files -> None.
+    files = make_real_jpeg_folder(tmp_path / "imgs")
+    folder = P.open_labelled(str(tmp_path / "imgs"), "train", cfg(3))
+    assert len(folder) == len(files["good"]) + len(files["bad"])
+    items = [folder[i] for i in range(len(folder))]
+    corrupt = sorted(name for x, _, name in items if x is None)
+    assert corrupt == sorted(str(f) for f in files["bad"])
+    assert all(x.shape == (3, 16, 16) for x, _, _ in items if x is not None)
+    assert {folder.class_names[label] for x, label, _ in items if x is not None} == set(P_KINDS)
+    # Split directories, explicit sources, and what fails.
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    assert P.data_specs(str(tmp_path)) == {"train": str(tmp_path / "train"), "test": str(tmp_path / "test")}
+    (tmp_path / "test").rmdir()
+    (tmp_path / "val").mkdir()
+    assert P.data_specs(str(tmp_path))["test"] == str(tmp_path / "val")
+    assert P.data_specs("fashion-mnist", "a", "b") == {"train": "a", "test": "b"}
+    with pytest.raises(FileNotFoundError, match="both --train-data and --test-data"):
+        P.data_specs("fashion-mnist", "a")
+    with pytest.raises(FileNotFoundError, match="no train sub-folder"):
+        P.data_specs(str(tmp_path / "imgs"))
+    (tmp_path / "only_train" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no test or val sub-folder"):
+        P.data_specs(str(tmp_path / "only_train"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "x.jpg").write_bytes(files["good"][0].read_bytes())
+    with pytest.raises(FileNotFoundError, match="has no labels"):
+        P.open_labelled(str(tmp_path / "flat"), "train", cfg(3))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        P.open_labelled(str(tmp_path / "nowhere"), "train", cfg(3))
+
+
+P_KINDS = list(REAL_JPEGS)
+
+
+def test_probe_on_an_image_folder_with_corrupt_files_dp2_equals_one_process(tiny_checkpoint, tmp_path):
+    # 16 real JPEGs in 5 classes + 3 corrupt files in a class folder sorted between them: the corrupt
+    # files all fall in DP rank 1's half, so the ranks hold 9 and 7 good images; the probe must
+    # still see the same 16-image data set, in the same order, as one process.
+    from aim_megatron.data_samples import make_real_jpeg_folder
+    files = make_real_jpeg_folder(tmp_path / "imgs")
+    args = ["--train-data", str(tmp_path / "imgs"), "--test-data", str(tmp_path / "imgs"),
+            "probe.epochs=4", "probe.batch_size=8", "probe.feature_batch_size=5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert P.main(["--checkpoint", str(tiny_checkpoint), "--out", str(one), *args]) == 0
+    run_distributed("-m", 2, ["aim_megatron.probe", "--checkpoint", str(tiny_checkpoint), "--out", str(two), *args])
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert (a["dp"], b["dp"]) == (1, 2)
+    n_good = len(files["good"])
+    assert a["num_train"] == b["num_train"] == a["num_test"] == b["num_test"] == n_good
+    assert a["num_corrupt"] == b["num_corrupt"] == {"train": 3, "test": 3}
+    assert a["num_classes"] == 6 and a["class_names"] == sorted(P_KINDS + ["bad"])
+    for la, lb in zip(a["train_loss_per_epoch"], b["train_loss_per_epoch"], strict=True):
+        assert abs(la - lb) < 1e-5
+    pa, pb = (torch.load(d / "probe.pt", weights_only=False)["state_dict"] for d in (one, two))
+    for key in pa:
+        torch.testing.assert_close(pa[key].float(), pb[key].float(), rtol=1e-5, atol=1e-5, msg=key)
+    assert abs(a["top1"] - b["top1"]) <= 1 / n_good

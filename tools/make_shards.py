@@ -23,12 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aim_megatron.data_samples import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 from aim_megatron.data_shards import (read_idx, shards_from_arrays, shards_from_folder,  # noqa: E402
                                       verify_manifest, write_wds_index)
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,15 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                                           **common)
         else:
             if args.fashion_mnist:
-                split = "train" if args.fashion_mnist == "train" else "t10k"
-                images_path = FASHION_MNIST_DIR / f"{split}-images-idx3-ubyte.gz"
-                labels_path = FASHION_MNIST_DIR / f"{split}-labels-idx1-ubyte.gz"
-                classes = FASHION_MNIST_CLASSES
+                images, labels = fashion_mnist(args.fashion_mnist)
+                classes, source = FASHION_MNIST_CLASSES, f"fashion-mnist:{args.fashion_mnist}"
             else:
-                images_path, labels_path, classes = Path(args.idx_images), args.idx_labels, None
-            images = read_idx(images_path)
-            labels = read_idx(labels_path) if labels_path else None
-            manifest = shards_from_arrays(images, labels, args.out, classes=classes, source=str(images_path),
+                images = read_idx(args.idx_images)
+                labels = read_idx(args.idx_labels) if args.idx_labels else None
+                classes, source = None, str(args.idx_images)
+            manifest = shards_from_arrays(images, labels, args.out, classes=classes, source=source,
                                           **common)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
