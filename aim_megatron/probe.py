@@ -354,7 +354,7 @@ class LabelledImages(torch.utils.data.Dataset):
     corrupt, label, name). ``read(j)`` gives (PIL image or None, label, name) of sample j of the
     underlying data; ``indices`` picks the samples (all, or a fixed seeded subset)."""
 
-    def __init__(self, spec: str, read, indices: np.ndarray, class_names: list[str], cfg=None):
+    def __init__(self, spec: str, read, indices: np.ndarray, class_names: list[str], cfg):
         self.spec, self.read, self.indices, self.class_names, self.cfg = spec, read, indices, class_names, cfg
 
     def __len__(self) -> int:
@@ -423,6 +423,9 @@ def open_labelled(spec: str, split: str, cfg, max_samples: Optional[int] = None,
             raise FileNotFoundError(f"{spec} does not exist; an .npz needs train_images/train_labels/"
                                     f"test_images/test_labels (uint8 images, integer labels)")
         arrays = np.load(spec, allow_pickle=False)
+        missing = [k for k in (f"{split}_images", f"{split}_labels") if k not in arrays]
+        if missing:
+            raise FileNotFoundError(f"{spec} has no {' or '.join(missing)}; it holds {', '.join(arrays.files)}")
         labels = arrays[f"{split}_labels"].astype(np.int64)
         names = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else []
         read, n = _ArrayReader(arrays[f"{split}_images"], labels), len(labels)

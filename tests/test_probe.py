@@ -189,6 +189,9 @@ def test_probe_data_npz_fashion_mnist_and_folders(tmp_path):
     x, label, _ = gray[0]
     assert len(gray) == 10 and x.shape == (3, 16, 16) and 0 <= label < 10  # gray -> RGB, ImageNet mean/std
     torch.testing.assert_close(x[0] * 0.229 + 0.485, x[2] * 0.225 + 0.406)
+    np.savez(tmp_path / "only_train.npz", train_images=rgb, train_labels=np.array([0, 1, 2]))
+    with pytest.raises(FileNotFoundError, match="has no test_images or test_labels; it holds train_images"):
+        P.open_labelled(str(tmp_path / "only_train.npz"), "test", cfg(1))
     with pytest.raises(FileNotFoundError, match="train_images/train_labels"):
         P.open_labelled(str(tmp_path / "missing.npz"), "train", cfg(1))
 
