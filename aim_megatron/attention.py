@@ -137,12 +137,29 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale=None
     return out
 
 
-def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale=None):
-    # window (-1, 0) is flash attention's causal flag, which aligns bottom-right when a segment has
-    # fewer queries than keys (torch.nn.attention.bias relies on the same for causal_lower_right).
+@functools.lru_cache(maxsize=1)
+def _varlen_api():
+    """torch's varlen_attn and which keywords it takes: torch 2.9 has ``is_causal`` and no
+    ``scale``; later releases have keyword-only ``scale`` and ``window_size`` instead."""
+    import inspect
     from torch.nn.attention.varlen import varlen_attn
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
-                       window_size=(-1, 0) if causal else (-1, -1))
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params, "scale" in params
+
+
+def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale=None):
+    # Flash attention's causal mask aligns bottom-right when a segment has fewer queries than keys
+    # (torch.nn.attention.bias relies on the same for causal_lower_right). Newer torch spells it
+    # window (-1, 0), torch 2.9 is_causal=True.
+    varlen_attn, has_window, has_scale = _varlen_api()
+    kwargs = {"window_size": (-1, 0) if causal else (-1, -1)} if has_window else {"is_causal": causal}
+    if scale is not None:
+        if has_scale:
+            kwargs["scale"] = scale
+        elif abs(scale * q.shape[-1] ** 0.5 - 1) > 1e-6:
+            raise RuntimeError(f"this torch's varlen_attn has no scale argument and uses 1/sqrt(head_dim); "
+                               f"softmax scale {scale} needs torch>=2.10, or model.attention_kernel=masked")
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
 def varlen_prefix_causal(q, k, v, prefix_len, scale=None, kernel=None):

@@ -94,6 +94,51 @@ def test_varlen_ignores_rows_past_the_packed_total():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("api", ["torch-2.9", "torch-2.10+"])
+def test_flash_varlen_call_adapts_to_the_torch_release(api, monkeypatch):
+    """The flash call spells causal and scale as the installed torch's varlen_attn takes them
+    (2.9: is_causal and no scale; later: window_size and scale); a stand-in with each signature
+    runs the CPU reference, and the whole prefix-causal attention must match the dense mask."""
+    calls = []
+
+    def as_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        calls.append((causal, scale))
+        return attention.varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+    if api == "torch-2.9":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            return as_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1)):
+            assert window_size in ((-1, -1), (-1, 0))
+            return as_reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale)
+
+    newer = api == "torch-2.10+"
+    monkeypatch.setattr(attention, "_varlen_api", lambda: (varlen_attn, newer, newer))
+    q, k, v = qkv()
+    out = varlen_prefix_causal(q, k, v, PREFIX, kernel=attention._flash_varlen)
+    torch.testing.assert_close(out, masked_reference(q, k, v), rtol=1e-12, atol=1e-12)
+    assert calls == [(False, None), (True, None)]
+    # The default scale 1/sqrt(d) works everywhere; another one only where torch takes it.
+    out = varlen_prefix_causal(q, k, v, PREFIX, scale=D ** -0.5, kernel=attention._flash_varlen)
+    torch.testing.assert_close(out, masked_reference(q, k, v), rtol=1e-12, atol=1e-12)
+    if api == "torch-2.9":
+        with pytest.raises(RuntimeError, match="needs torch>=2.10"):
+            varlen_prefix_causal(q, k, v, PREFIX, scale=0.5, kernel=attention._flash_varlen)
+    else:
+        out = varlen_prefix_causal(q, k, v, PREFIX, scale=0.5, kernel=attention._flash_varlen)
+        assert calls[-1] == (True, 0.5)
+
+
+def test_installed_torch_varlen_signature_is_known():
+    """The installed torch's varlen_attn has one of the two signatures _flash_varlen speaks."""
+    fn, has_window, has_scale = attention._varlen_api()
+    import inspect
+    params = inspect.signature(fn).parameters
+    assert (has_window and has_scale) or ("is_causal" in params and not has_scale)
+
+
 def test_varlen_negative_control():
     """A purely causal split (prefix treated as length 1) differs, so the checks above can fail."""
     q, k, v = qkv(grad=False)
