@@ -4,8 +4,9 @@ shape and weights, measured in the same run. Target: megatron >= 0.95x the plain
     python benchmarks/trunk_throughput.py [--preset aim-base-cpu] [--batch 32] [--iters 10]
 
 Rows: the trunk alone (patch embedding + blocks, prefix-causal) and the whole pre-training model
-(trunk + head + loss). Timings alternate between the two implementations in rounds and report
-the median, so drift in machine load hits both alike.
+(trunk + head + loss). Timings alternate between the two implementations in rounds; the ratio is
+the median of the per-round ratios (each from two back-to-back timings), so drift in machine load
+hits both alike, and the spread of those ratios is printed beside it.
 """
 from __future__ import annotations
 
@@ -80,17 +81,23 @@ def main() -> None:
         for _ in range(args.rounds):
             t_ours.append(timed(a, args.iters))
             t_ref.append(timed(b, args.iters))
-        rows.append((label, statistics.median(t_ours), statistics.median(t_ref)))
+        # Each round's ratio compares two back-to-back timings under the same machine load.
+        ratios = sorted(r / o for o, r in zip(t_ours, t_ref))
+        rows.append((label, statistics.median(t_ours), statistics.median(t_ref), ratios))
 
     tokens = args.batch * m.num_patches
     print(f"\nAIM {args.preset}: {m.num_layers} layers, width {m.hidden_size}, {m.num_patches} patches, "
           f"batch {args.batch}, fp32, {torch.get_num_threads()} threads, forward+backward\n")
-    print("| part | impl | ms/iter | images/s | tokens/s | megatron / plain |")
-    print("|---|---|---:|---:|---:|---:|")
-    for label, t_ours, t_ref in rows:
+    print("| part | impl | ms/iter | images/s | tokens/s | megatron / plain | per-round range |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for label, t_ours, t_ref, ratios in rows:
         for impl, t in (("megatron-core TP=1", t_ours), ("plain PyTorch", t_ref)):
-            ratio = f"{t_ref / t_ours:.3f}x" if impl.startswith("megatron") else ""
-            print(f"| {label} | {impl} | {t * 1e3:.1f} | {args.batch / t:,.0f} | {tokens / t:,.0f} | {ratio} |")
+            ours = impl.startswith("megatron")
+            ratio = f"{statistics.median(ratios):.3f}x" if ours else ""
+            spread = f"{ratios[0]:.3f}-{ratios[-1]:.3f}" if ours else ""
+            print(f"| {label} | {impl} | {t * 1e3:.1f} | {args.batch / t:,.0f} | {tokens / t:,.0f} | {ratio} "
+                  f"| {spread} |")
+    print("\nmegatron / plain: median over rounds of (plain time / megatron time) in the same round.")
     parallel.shutdown()
 
 
