@@ -43,6 +43,7 @@ log = logging.getLogger("aim_megatron.probe")
 
 PROBE_FORMAT = 1
 NUM_PROBE_BLOCKS = 6        # the paper averages 6 blocks
+FEATURE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BEST_END_BEFORE_LAST = 4    # generic "best": 6 blocks ending 4 before the last (aim-600M's pattern)
 
 
@@ -61,6 +62,7 @@ class ProbeConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     feature_batch_size: int = 256             # images per trunk forward while caching features
+    feature_dtype: str = "float32"            # cached features: float32, or bfloat16 for half the memory
 
     def validate(self) -> "ProbeConfig":
         problems = []
@@ -70,6 +72,8 @@ class ProbeConfig:
             problems.append("probe.epochs, probe.batch_size and probe.feature_batch_size must be >= 1")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             problems.append("probe.lr must be > 0 and probe.min_lr within [0, lr]")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            problems.append(f"probe.feature_dtype={self.feature_dtype!r}: use {' or '.join(FEATURE_DTYPES)}")
         if not 0 <= self.warmup_fraction <= 1 or not 0 <= self.label_smoothing < 1:
             problems.append("probe.warmup_fraction must be in [0, 1] and probe.label_smoothing in [0, 1)")
         if problems:
@@ -296,7 +300,7 @@ def train_probe(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor, 
             local = batch[(batch >= shard_start) & (batch < shard_end)] - shard_start
             for group_ in opt.param_groups:
                 group_["lr"] = lr_at(step, total_steps, cfg)
-            loss_sum = F.cross_entropy(probe(features[local]), labels[local], reduction="sum",
+            loss_sum = F.cross_entropy(probe(features[local].float()), labels[local], reduction="sum",
                                        label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=False)
             (loss_sum / len(batch)).backward()
@@ -334,7 +338,7 @@ def evaluate(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor, num
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     top5 = 0
     for start in range(0, len(labels), batch_size):
-        logits = probe(features[start:start + batch_size])
+        logits = probe(features[start:start + batch_size].float())
         y = labels[start:start + batch_size]
         cm += confusion_matrix(logits.argmax(dim=1), y, num_classes)
         top5 += topk_correct(logits, y, (5,))[5]
@@ -455,30 +459,32 @@ def _collate_good(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 @torch.no_grad()
 def extract_features(trunk, images: LabelledImages, lo: int, hi: int, layers: list[int],
-                     batch_size: int, num_workers: int = 0, mean_tokens: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Frozen-trunk features of items [lo, hi): ([n, N, D] or the token mean [n, D], labels [n],
-    names of corrupt images, which are skipped). Collective over the tensor-parallel group: its
-    ranks must pass the same items."""
+                     batch_size: int, num_workers: int = 0, mean_tokens: bool = False,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Frozen-trunk features of items [lo, hi): ([n, N, D] or the token mean [n, D] in ``dtype``,
+    labels [n], names of corrupt images, which are skipped). Collective over the tensor-parallel
+    group: its ranks must pass the same items. The cache is allocated once (no concatenation
+    copy), since it is the probe's largest memory cost."""
     from . import cpu_shims
     from .data_torch import _single_thread
     trunk.eval()
     m = images.cfg.model
+    shape = (m.hidden_size,) if mean_tokens else (m.num_patches, m.hidden_size)
+    feats = torch.empty((hi - lo, *shape), dtype=dtype)
+    labels = torch.empty(hi - lo, dtype=torch.int64)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(images, range(lo, hi)), batch_size=batch_size, collate_fn=_collate_good,
         num_workers=num_workers, worker_init_fn=_single_thread if num_workers else None)
-    feats, labels, corrupt = [], [], []
+    n, corrupt = 0, []
     for x, y, bad in loader:
         corrupt += bad
         if x is None:
             continue
-        f = trunk.block_features(x.to(cpu_shims.device()), layers).cpu()
-        feats.append(f.mean(dim=1) if mean_tokens else f)
-        labels.append(y)
-    if not feats:
-        shape = (0, m.hidden_size) if mean_tokens else (0, m.num_patches, m.hidden_size)
-        return torch.zeros(shape), torch.zeros(0, dtype=torch.int64), corrupt
-    return torch.cat(feats), torch.cat(labels), corrupt
+        f = trunk.block_features(x.to(cpu_shims.device()), layers)
+        feats[n:n + len(y)] = (f.mean(dim=1) if mean_tokens else f).to("cpu", dtype)
+        labels[n:n + len(y)] = y
+        n += len(y)
+    return feats[:n], labels[:n], corrupt
 
 
 # --------------------------------------------------------------------------- outputs
@@ -586,7 +592,8 @@ def run_probe(cfg, ckpt: Path, probe_cfg: ProbeConfig, specs: dict[str, str], ou
     for split, data in images.items():
         lo, hi = shard_bounds(len(data), dp_rank, dp_size)
         feats, labels, corrupt = extract_features(trunk, data, lo, hi, layers, probe_cfg.feature_batch_size,
-                                                  cfg.data.num_workers, mean_tokens=probe_cfg.kind == "linear")
+                                                  cfg.data.num_workers, mean_tokens=probe_cfg.kind == "linear",
+                                                  dtype=FEATURE_DTYPES[probe_cfg.feature_dtype])
         for name in corrupt[:20]:
             log.warning("%s: skipped corrupt image %s", split, name)
         # Corrupt images are dropped, so the split is the concatenation of every rank's good samples:

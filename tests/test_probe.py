@@ -87,6 +87,8 @@ def test_probe_config_from_yaml_and_overrides(tmp_path):
         P.load_probe_config(None, ["probe.lrate=1"])
     with pytest.raises(ConfigError, match="probe.kind='mlp'"):
         P.load_probe_config(None, ["probe.kind=mlp"])
+    with pytest.raises(ConfigError, match="probe.feature_dtype='fp16': use float32 or bfloat16"):
+        P.load_probe_config(None, ["probe.feature_dtype=fp16"])
 
 
 def test_topk_and_confusion_matrix_on_a_hand_made_example():
@@ -253,3 +255,12 @@ def test_probe_on_an_image_folder_with_corrupt_files_dp2_equals_one_process(tiny
     for key in pa:
         torch.testing.assert_close(pa[key].float(), pb[key].float(), rtol=1e-5, atol=1e-5, msg=key)
     assert abs(a["top1"] - b["top1"]) <= 1 / n_good
+    # Features cached in bfloat16 (half the memory): the probe is trained in fp32 on them and
+    # lands close to the fp32-cache run.
+    half = tmp_path / "bf16"
+    assert P.main(["--checkpoint", str(tiny_checkpoint), "--out", str(half), *args,
+                   "probe.feature_dtype=bfloat16"]) == 0
+    c = json.loads((half / "metrics.json").read_text())
+    assert c["probe_config"]["feature_dtype"] == "bfloat16" and c["num_train"] == n_good
+    for la, lc in zip(a["train_loss_per_epoch"], c["train_loss_per_epoch"], strict=True):
+        assert abs(la - lc) < 0.05 * la, (a["train_loss_per_epoch"], c["train_loss_per_epoch"])
