@@ -153,6 +153,26 @@ def test_flex_forward_equals_dense_mask():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_flex_is_compiled_once_for_all_micro_batches():
+    """The GPU path runs FlexAttention through torch.compile with a new block mask (a new closure
+    over a new prefix-length tensor) every micro-batch: that must reuse one compiled graph, not
+    recompile per micro-batch (dynamo would give up after its recompile limit and run unfused).
+    Compiled here on CPU, forward only; the guards are the same on a GPU."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    q, k, v = qkv(dtype=torch.float32, grad=False, layout="bhsd")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        prefix = torch.randint(0, S + 1, (len(PREFIX),), generator=g)
+        block_mask = attention._flex_block_mask(prefix, S)
+        with torch.no_grad():
+            out = attention._compiled_flex()(q, k, v, block_mask=block_mask)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=prefix_causal_allowed(prefix, S))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_flex_backward_on_cpu_is_a_clear_error():
     q, k, v = qkv(dtype=torch.float32, layout="bhsd")
     with pytest.raises(RuntimeError, match="no backward on CPU"):
