@@ -314,6 +314,9 @@ def train_probe(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor, 
             step += 1
         _all_reduce(epoch_loss, group)
         history.append(float(epoch_loss[0] / epoch_loss[1]))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.info("probe epoch %d/%d: train loss %.4f, lr %.2e", len(history), cfg.epochs, history[-1],
+                     opt.param_groups[0]["lr"])
     return history
 
 
@@ -476,7 +479,11 @@ def extract_features(trunk, images: LabelledImages, lo: int, hi: int, layers: li
         torch.utils.data.Subset(images, range(lo, hi)), batch_size=batch_size, collate_fn=_collate_good,
         num_workers=num_workers, worker_init_fn=_single_thread if num_workers else None)
     n, corrupt = 0, []
+    from tqdm import tqdm
+    bar = tqdm(total=hi - lo, desc=f"features ({images.spec})", unit="img", dynamic_ncols=True,
+               file=sys.stderr, disable=None if not dist.is_initialized() or dist.get_rank() == 0 else True)
     for x, y, bad in loader:
+        bar.update(len(y) + len(bad))
         corrupt += bad
         if x is None:
             continue
@@ -484,6 +491,7 @@ def extract_features(trunk, images: LabelledImages, lo: int, hi: int, layers: li
         feats[n:n + len(y)] = (f.mean(dim=1) if mean_tokens else f).to("cpu", dtype)
         labels[n:n + len(y)] = y
         n += len(y)
+    bar.close()
     return feats[:n], labels[:n], corrupt
 
 
