@@ -63,6 +63,7 @@ class ProbeConfig:
     seed: int = 0
     feature_batch_size: int = 256             # images per trunk forward while caching features
     feature_dtype: str = "float32"            # cached features: float32, or bfloat16 for half the memory
+    feature_cache_dir: Optional[str] = None   # cache features in memory-mapped files here, not in RAM
 
     def validate(self) -> "ProbeConfig":
         problems = []
@@ -102,7 +103,7 @@ def probe_config_from_dict(values: Optional[dict]) -> ProbeConfig:
     for key, value in (values or {}).items():
         if key not in known:
             raise ConfigError(f"probe.{key}: unknown field; valid fields are {', '.join(sorted(known))}")
-        typ = {"str": str, "int": int, "float": float}.get(known[key])
+        typ = {"str": str, "int": int, "float": float, "Optional[str]": Optional[str]}.get(known[key])
         kwargs[key] = _layers_value(value) if key == "layers" else _coerce(value, typ, f"probe.{key}")
     return ProbeConfig(**kwargs).validate()
 
@@ -463,17 +464,25 @@ def _collate_good(items: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 @torch.no_grad()
 def extract_features(trunk, images: LabelledImages, lo: int, hi: int, layers: list[int],
                      batch_size: int, num_workers: int = 0, mean_tokens: bool = False,
-                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                     dtype: torch.dtype = torch.float32, cache_file: Optional[Path] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Frozen-trunk features of items [lo, hi): ([n, N, D] or the token mean [n, D] in ``dtype``,
     labels [n], names of corrupt images, which are skipped). Collective over the tensor-parallel
     group: its ranks must pass the same items. The cache is allocated once (no concatenation
-    copy), since it is the probe's largest memory cost."""
+    copy), since it is the probe's largest memory cost; with ``cache_file`` it is a memory-mapped
+    .npy file there (overwritten), so the page cache, not the process, holds it."""
     from . import cpu_shims
     from .data_torch import _single_thread
     trunk.eval()
     m = images.cfg.model
     shape = (m.hidden_size,) if mean_tokens else (m.num_patches, m.hidden_size)
-    feats = torch.empty((hi - lo, *shape), dtype=dtype)
+    if cache_file is None:
+        feats = torch.empty((hi - lo, *shape), dtype=dtype)
+    else:  # numpy has no bfloat16: store its bits as uint16 and view them
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        stored = np.lib.format.open_memmap(cache_file, mode="w+", shape=(hi - lo, *shape),
+                                           dtype=np.uint16 if dtype == torch.bfloat16 else np.float32)
+        feats = torch.from_numpy(stored).view(dtype)
     labels = torch.empty(hi - lo, dtype=torch.int64)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(images, range(lo, hi)), batch_size=batch_size, collate_fn=_collate_good,
@@ -492,6 +501,8 @@ def extract_features(trunk, images: LabelledImages, lo: int, hi: int, layers: li
         labels[n:n + len(y)] = y
         n += len(y)
     bar.close()
+    if cache_file is not None:
+        stored.flush()
     return feats[:n], labels[:n], corrupt
 
 
@@ -597,11 +608,14 @@ def run_probe(cfg, ckpt: Path, probe_cfg: ProbeConfig, specs: dict[str, str], ou
 
     splits, num_corrupt = {}, {}
     t0 = time.perf_counter()
+    cache_dir = Path(probe_cfg.feature_cache_dir) if probe_cfg.feature_cache_dir else None
     for split, data in images.items():
         lo, hi = shard_bounds(len(data), dp_rank, dp_size)
         feats, labels, corrupt = extract_features(trunk, data, lo, hi, layers, probe_cfg.feature_batch_size,
                                                   cfg.data.num_workers, mean_tokens=probe_cfg.kind == "linear",
-                                                  dtype=FEATURE_DTYPES[probe_cfg.feature_dtype])
+                                                  dtype=FEATURE_DTYPES[probe_cfg.feature_dtype],
+                                                  cache_file=cache_dir / f"{split}-rank{dist.get_rank():05d}.npy"
+                                                  if cache_dir else None)
         for name in corrupt[:20]:
             log.warning("%s: skipped corrupt image %s", split, name)
         # Corrupt images are dropped, so the split is the concatenation of every rank's good samples:

@@ -255,11 +255,22 @@ def test_probe_on_an_image_folder_with_corrupt_files_dp2_equals_one_process(tiny
     for key in pa:
         torch.testing.assert_close(pa[key].float(), pb[key].float(), rtol=1e-5, atol=1e-5, msg=key)
     assert abs(a["top1"] - b["top1"]) <= 1 / n_good
-    # Features cached in bfloat16 (half the memory): the probe is trained in fp32 on them and
-    # lands close to the fp32-cache run.
+    # Features in memory-mapped files instead of RAM (one per split and rank): the same probe.
+    cached = tmp_path / "cached"
+    run_distributed("-m", 2, ["aim_megatron.probe", "--checkpoint", str(tiny_checkpoint), "--out", str(cached),
+                              *args, f"probe.feature_cache_dir={tmp_path / 'cache'}"])
+    d = json.loads((cached / "metrics.json").read_text())
+    assert d["train_loss_per_epoch"] == b["train_loss_per_epoch"] and d["top1"] == b["top1"]
+    shapes = {f.name: np.load(f, mmap_mode="r").shape for f in (tmp_path / "cache").iterdir()}
+    assert sorted(shapes) == [f"{s}-rank{r:05d}.npy" for s in ("test", "train") for r in (0, 1)]
+    # each rank's file has a row per item of its shard; rows of corrupt items stay unused
+    assert shapes["train-rank00000.npy"][0] + shapes["train-rank00001.npy"][0] == n_good + len(files["bad"])
+    # Features cached in bfloat16 (half the memory), here in a memory-mapped file: the probe is
+    # trained in fp32 on them and lands close to the fp32-cache run.
     half = tmp_path / "bf16"
     assert P.main(["--checkpoint", str(tiny_checkpoint), "--out", str(half), *args,
-                   "probe.feature_dtype=bfloat16"]) == 0
+                   "probe.feature_dtype=bfloat16", f"probe.feature_cache_dir={tmp_path / 'cache16'}"]) == 0
+    assert np.load(tmp_path / "cache16" / "train-rank00000.npy", mmap_mode="r").dtype == np.uint16  # bf16 bits
     c = json.loads((half / "metrics.json").read_text())
     assert c["probe_config"]["feature_dtype"] == "bfloat16" and c["num_train"] == n_good
     for la, lc in zip(a["train_loss_per_epoch"], c["train_loss_per_epoch"], strict=True):
