@@ -229,21 +229,23 @@ def expects_validation(run_dir: str | Path) -> Optional[bool]:
     return bool(d.get("val_sources")) or all(x == "synthetic" for x in train)
 
 
-def _complete(last_step: int, final_val_step: Optional[int], train_iters: int,
-              needs_val: bool) -> bool:
-    """Trained to the end and, when the run validates, evaluated there: the trainer logs the last
-    train step before its final evaluation, so a run killed in between is not done yet."""
-    return last_step >= train_iters and (not needs_val or (final_val_step or 0) >= train_iters)
+def is_complete(run_dir: str | Path, records: list[dict], train_iters: int) -> bool:
+    """A run is done when the trainer logged its final "complete" record (after the final
+    evaluation and checkpoint). Logs without it: trained to the end and, when the run validates,
+    evaluated there (the trainer logs the last train step before its final evaluation, so a run
+    killed in between is not done yet)."""
+    if any(r.get("event") == "complete" and r["step"] >= train_iters for r in records):
+        return True
+    steps = [r["step"] for r in records if record_kind(r) == "train"]
+    vals = [r["step"] for r in records if record_kind(r) == "val"]
+    needs_val = expects_validation(run_dir)
+    needs_val = bool(vals) if needs_val is None else needs_val
+    return bool(steps) and max(steps) >= train_iters and (not needs_val or max(vals, default=0) >= train_iters)
 
 
 def run_is_complete(run_dir: str | Path, train_iters: int) -> bool:
     records, _ = read_metrics(Path(run_dir) / "metrics.jsonl")
-    steps = [r["step"] for r in records if "loss" in r]
-    vals = [r["step"] for r in records if "val_loss" in r]
-    needs_val = expects_validation(run_dir)
-    needs_val = bool(vals) if needs_val is None else needs_val
-    return logged_complete(records, train_iters) or (
-        bool(steps) and _complete(max(steps), max(vals, default=None), train_iters, needs_val))
+    return is_complete(run_dir, records, train_iters)
 
 
 def _trainer_env() -> dict[str, str]:
@@ -426,10 +428,6 @@ def record_kind(rec: dict) -> str:
     return "event" if "event" in rec else "val" if "val_loss" in rec else "train"
 
 
-def logged_complete(records: list[dict], train_iters: int) -> bool:
-    """The trainer's own "complete" record (written after the final evaluation and checkpoint)."""
-    return any(r.get("event") == "complete" and r["step"] >= train_iters for r in records)
-
 
 @dataclass
 class RunResult:
@@ -465,10 +463,7 @@ def collect_run(run_dir: str | Path, run: dict[str, Any]) -> RunResult:
         res.final_val_step, _, res.final_val_loss = res.curve[-1]
     if train:
         res.last_step = train[-1]["step"]
-        needs_val = expects_validation(run_dir)
-        needs_val = bool(res.curve) if needs_val is None else needs_val
-        res.complete = logged_complete(records, run["train_iters"]) or _complete(
-            res.last_step, res.final_val_step, run["train_iters"], needs_val)
+        res.complete = is_complete(run_dir, records, run["train_iters"])
         tail = [float(r["loss"]) for r in train[-5:]]
         res.final_train_loss = sum(tail) / len(tail)
     return res
