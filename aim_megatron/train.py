@@ -278,10 +278,10 @@ class Trainer:
         if self.is_logger:
             log.log(level, text)
 
-    def _write_metrics(self, record: dict) -> None:
+    def _write_metrics(self, record: dict, scalars: bool = True) -> None:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
-        if self.writer is not None:
+        if self.writer is not None and scalars:
             for key, value in record.items():
                 if key not in ("step", "images_seen") and value is not None:
                     self.writer.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss",
@@ -322,10 +322,9 @@ class Trainer:
         """The last record of a finished run (after its final evaluation and checkpoint), so sweeps
         and schedulers need not infer completion from step counts."""
         if self.is_logger:
-            self.metrics.write(json.dumps({"step": self.step, "event": "complete",
-                                           "images_seen": self.step * self.cfg.train.global_batch_size,
-                                           "skipped_steps": self.skipped_steps}) + "\n")
-            self.metrics.flush()
+            self._write_metrics({"step": self.step, "event": "complete",
+                                 "images_seen": self.step * self.cfg.train.global_batch_size,
+                                 "skipped_steps": self.skipped_steps}, scalars=False)
 
     def close(self) -> None:
         if self.train_loader is not None and hasattr(self.train_loader, "close"):
