@@ -1,7 +1,7 @@
 """Analytic model size, training FLOPs and per-GPU memory of AIM under a Megatron layout.
 
-Everything here is arithmetic on config fields (no torch; only the "aim" FLOP count imports
-aim_megatron.flops, which does), so tools can size a 7B run on a laptop.
+Everything here is arithmetic on config fields (no torch; the "aim" FLOP count comes from
+aim_megatron.flops, which needs none either), so tools can size a 7B run on a laptop.
 
 Parameters (AIM v1, no biases in blocks):
     trunk block   4h^2 (qkv + proj) + 2hf (fc1, fc2) + 4h (two LayerNorms)   = 12h^2 + 4h at f = 4h
@@ -40,6 +40,7 @@ from typing import Sequence
 
 from .config import (Config, ConfigError, ModelConfig, load_config, num_microbatches,
                      trunk_layers_per_stage, validate)
+from .flops import train_flops_per_image as aim_train_flops_per_image
 
 GIB = 1024 ** 3
 
@@ -84,8 +85,7 @@ def train_flops_per_image(m: ModelConfig, method: str = "6ND") -> float:
     if method == "6ND":
         return 6.0 * trunk_params(m) * m.num_patches
     if method == "aim":
-        from .flops import train_flops_per_image as aim_flops   # lazy: flops.py imports torch
-        return aim_flops(m)
+        return aim_train_flops_per_image(m)
     raise ValueError(f"unknown FLOPs method {method!r}; use '6ND' or 'aim'")
 
 
