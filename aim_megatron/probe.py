@@ -158,6 +158,10 @@ def resolve_layers(spec: Union[str, Sequence[int]], model: ModelConfig) -> list[
 
 # --------------------------------------------------------------------------- probe heads
 
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     if group is not None:
         dist.all_reduce(t, group=group)
@@ -315,7 +319,7 @@ def train_probe(probe: nn.Module, features: torch.Tensor, labels: torch.Tensor, 
             step += 1
         _all_reduce(epoch_loss, group)
         history.append(float(epoch_loss[0] / epoch_loss[1]))
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if _is_rank0():
             log.info("probe epoch %d/%d: train loss %.4f, lr %.2e", len(history), cfg.epochs, history[-1],
                      opt.param_groups[0]["lr"])
     return history
@@ -490,7 +494,7 @@ def extract_features(trunk, images: LabelledImages, lo: int, hi: int, layers: li
     n, corrupt = 0, []
     from tqdm import tqdm
     bar = tqdm(total=hi - lo, desc=f"features ({images.spec})", unit="img", dynamic_ncols=True,
-               file=sys.stderr, disable=None if not dist.is_initialized() or dist.get_rank() == 0 else True)
+               file=sys.stderr, disable=None if _is_rank0() else True)
     for x, y, bad in loader:
         bar.update(len(y) + len(bad))
         corrupt += bad
