@@ -10,6 +10,7 @@ Every invalid combination fails in ``validate`` with a message that names the fi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
@@ -235,7 +236,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        # float('inf')/nan would raise OverflowError/ValueError in int(): check finiteness first.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if typ is float:
@@ -258,13 +261,23 @@ _SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainCon
              "data": DataConfig}
 
 
+def _section_values(name: str, values: Any) -> dict:
+    """A section's mapping; ``None`` (``train:`` with nothing under it) is an empty one."""
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{name}' must be a mapping of field: value pairs, got "
+                          f"{values!r}; write e.g. '{name}:' followed by indented 'field: value' lines")
+    return dict(values)
+
+
 def _build_section(name: str, values: dict) -> Any:
     cls = _SECTIONS[name]
     types_ = _field_types(cls)
-    values = dict(values or {})
+    values = _section_values(name, values)
     if name == "model" and values.get("preset") is not None:
         preset = values["preset"]
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         values = {**PRESETS[preset], **values}
     kwargs = {}
@@ -276,41 +289,90 @@ def _build_section(name: str, values: dict) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(data: dict) -> Config:
-    data = data or {}
-    unknown = set(data) - set(_SECTIONS)
+def _check_sections(data: Any, where: str) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of sections ({', '.join(_SECTIONS)}), "
+                          f"got {type(data).__name__} {data!r:.60}")
+    unknown = [k for k in data if k not in _SECTIONS]
     if unknown:
-        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid: {sorted(_SECTIONS)}")
+        # repr: keys may be numbers or null (`1: x`), which do not sort with strings.
+        raise ConfigError(f"unknown config section(s) {', '.join(repr(k) for k in unknown)}; "
+                          f"valid: {sorted(_SECTIONS)}")
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    data = _check_sections(data, "a config")
     return Config(**{name: _build_section(name, data.get(name)) for name in _SECTIONS})
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line out of a YAML parser error: where, and what."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def parse_value(item: str, raw: str) -> Any:
+    """A command-line override's value, parsed as YAML (so 2 is an int, [a, b] a list)."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(exc)}); "
+                          f"quote it or close its brackets, e.g. data.train_sources='[a.tar, b.tar]'"
+                          ) from None
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """Parsed YAML of a file, or a ConfigError that says what is wrong with the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; pass a YAML file (see examples/configs/)")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; see examples/configs/ for examples")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text (UTF-8) file; pass a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read ({exc.strerror}); check its permissions") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML ({yaml_problem(exc)}); fix that line") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` overrides (value parsed as YAML) to a raw config dict."""
-    data = {k: dict(v or {}) for k, v in (data or {}).items()}
+    data = {k: _section_values(k, v) for k, v in _check_sections(data, "a config").items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. parallel.tp=2")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if len(parts) != 2 or parts[0] not in _SECTIONS:
+        if len(parts) != 2 or parts[0] not in _SECTIONS or not parts[1]:
             raise ConfigError(
                 f"override {item!r}: key must be section.field with section in {sorted(_SECTIONS)}")
-        data.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw)
+        data.setdefault(parts[0], {})[parts[1]] = parse_value(item, raw)
     return data
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; see examples/configs/ for examples")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        data = read_yaml_file(path)
+        if data is None:
+            # Not an error (all defaults is a valid config), but never a silent one: the defaults
+            # are the official aim-600M recipe, far too big for a laptop.
+            logging.getLogger(__name__).warning(
+                "config file %s is empty: every field takes its default (a %d-wide, %d-layer model "
+                "at %dx%d); the start-up summary below says what that costs", path,
+                ModelConfig.hidden_size, ModelConfig.num_layers, ModelConfig.image_size,
+                ModelConfig.image_size)
+        data = _check_sections(data, f"config file {path}")
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
@@ -329,31 +391,107 @@ def trunk_layers_per_stage(model: ModelConfig, par: ParallelConfig) -> list[int]
     return [rest // (par.pp - 1)] * (par.pp - 1) + [par.trunk_layers_in_last_stage]
 
 
+# Lower bounds per field ((bound, inclusive)); a field whose range depends on others is checked
+# in validate() below, bools and choices by their type and choice lists.
+_AT_LEAST: dict[str, tuple[float, bool]] = {
+    "model.image_size": (1, True), "model.patch_size": (1, True), "model.in_channels": (1, True),
+    "model.hidden_size": (1, True), "model.num_layers": (1, True), "model.num_heads": (1, True),
+    "model.mlp_ratio": (0, False), "model.layernorm_eps": (0, False),
+    "model.head_hidden_size": (1, True), "model.head_ffn_hidden_size": (1, True),
+    "model.head_num_layers": (1, True), "model.init_std": (0, False),
+    "parallel.tp": (1, True), "parallel.pp": (1, True), "parallel.vp": (1, True),
+    "parallel.trunk_layers_in_last_stage": (0, True), "parallel.recompute_num_layers": (1, True),
+    "train.micro_batch_size": (1, True), "train.global_batch_size": (1, True),
+    "train.train_iters": (1, True), "train.seed": (0, True), "train.lr": (0, False),
+    "train.min_lr": (0, True), "train.weight_decay": (0, True), "train.adam_beta1": (0, True),
+    "train.adam_beta2": (0, True), "train.adam_eps": (0, False), "train.clip_grad": (0, True),
+    "train.warmup_fraction": (0, True), "train.fp8_amax_history_len": (1, True),
+    "train.log_interval": (1, True), "train.eval_interval": (0, True), "train.eval_iters": (1, True),
+    "train.save_interval": (0, True), "train.keep_last": (0, True), "train.max_bad_steps": (1, True),
+    "train.exit_after_steps": (0, True),
+    "data.num_workers": (0, True), "data.crop_scale_min": (0, False), "data.shuffle_buffer": (1, True),
+}
+_HINTS = {  # what 0 or a negative value would have meant, where it is a likely mistake
+    "train.global_batch_size": "images per optimizer step, a multiple of micro_batch_size * dp",
+    "train.micro_batch_size": "images per forward/backward pass on one data-parallel rank",
+    "model.num_heads": "a divisor of model.hidden_size, e.g. hidden_size / 64",
+    "train.eval_interval": "0 means validate only at the end",
+    "train.save_interval": "0 means checkpoint only at the end",
+    "train.keep_last": "0 keeps every checkpoint",
+    "train.clip_grad": "0 turns clipping off",
+}
+_BELOW = {"train.adam_beta1": 1.0, "train.adam_beta2": 1.0, "train.seed": 2 ** 32}
+
+
+def _field_values(cfg: Config):
+    """(section.field, value) for every field of every section."""
+    for name in _SECTIONS:
+        section = getattr(cfg, name)
+        for f in dataclasses.fields(section):
+            yield f"{name}.{f.name}", getattr(section, f.name)
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, value in _field_values(cfg):
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}={value!r}: must be a finite number")
+            if isinstance(v, str) and key.endswith(("_sources", "output_dir")) and not v.strip():
+                raise ConfigError(f"{key}={value!r}: an empty path; name a directory, file or glob")
+        if value is None or key not in _AT_LEAST:
+            continue
+        lo, inclusive = _AT_LEAST[key]
+        hint = f" ({_HINTS[key]})" if key in _HINTS else ""
+        if value < lo or (not inclusive and value == lo):
+            raise ConfigError(f"{key}={value!r}: must be {'>=' if inclusive else '>'} {lo}{hint}; "
+                              f"set {key} accordingly")
+        if key in _BELOW and value >= _BELOW[key]:
+            raise ConfigError(f"{key}={value!r}: must be below {_BELOW[key]}; set {key} accordingly")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        shown = [("null" if c is None else repr(c)) for c in choices]
+        raise ConfigError(f"{key}={value!r}: use {', '.join(shown[:-1])} or {shown[-1]}")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    # Model shape.
+    # Every field on its own first, so the checks of combinations below never divide by zero.
+    _check_ranges(cfg)
     _check(m.preset is None or m.preset in PRESETS,
            f"model.preset {m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-    _check(m.patch_size > 0 and m.image_size % m.patch_size == 0,
+    _check_choice("model.backend", m.backend, ("auto", "te", "local"))
+    _check_choice("model.attention_kernel", m.attention_kernel, ATTENTION_KERNELS)
+    _check_choice("parallel.recompute_granularity", p.recompute_granularity, (None, "full", "selective"))
+    _check_choice("parallel.recompute_method", p.recompute_method, ("uniform", "block"))
+    _check_choice("train.params_dtype", t.params_dtype, ("fp32", "bf16"))
+    _check_choice("train.fp8", t.fp8, (None, "hybrid", "e4m3"))
+    _check_choice("train.fp8_recipe", t.fp8_recipe, ("delayed", "tensorwise"))
+    _check_choice("train.fp8_amax_reduction", t.fp8_amax_reduction, ("tp_dp", "tp"))
+    _check_choice("data.loader", cfg.data.loader, ("auto", "dali", "torch"))
+    _check_choice("data.dali_device", cfg.data.dali_device, ("auto", "cpu", "gpu"))
+
+    # Model shape.
+    _check(m.image_size % m.patch_size == 0,
            f"model.image_size={m.image_size} is not a multiple of model.patch_size={m.patch_size}; "
-           f"use an image size such as {max(1, m.image_size // max(m.patch_size, 1)) * m.patch_size}")
-    _check(m.num_patches >= 2, "model: need at least 2 patches (image_size / patch_size >= 2)")
+           f"use an image size such as {max(1, m.image_size // m.patch_size) * m.patch_size}")
+    _check(m.num_patches >= 2, f"model.image_size={m.image_size} with model.patch_size={m.patch_size} "
+                               f"gives {m.num_patches} patch(es); need at least 2 (image_size / "
+                               f"patch_size >= 2)")
     _check(m.hidden_size % m.num_heads == 0,
            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     _check(m.hidden_size % 4 == 0 and m.head_hidden_size % 4 == 0,
            "model.hidden_size and model.head_hidden_size must be multiples of 4 (2D sin-cos positions)")
+    _check(m.ffn_hidden_size >= 1, f"model.mlp_ratio={m.mlp_ratio} gives an MLP width of "
+                                   f"{m.ffn_hidden_size}; raise model.mlp_ratio")
     lo, hi = m.prefix_range
     _check(1 <= lo <= hi <= m.num_patches - 1,
            f"model prefix range [{lo}, {hi}] must lie within [1, {m.num_patches - 1}] "
            f"(num_patches - 1); set model.prefix_min / model.prefix_max accordingly")
-    _check(m.backend in ("auto", "te", "local"),
-           f"model.backend={m.backend!r}: choose 'auto', 'te' or 'local'")
-    _check(m.attention_kernel in ATTENTION_KERNELS,
-           f"model.attention_kernel={m.attention_kernel!r}: choose "
-           + ", ".join(repr(k) for k in ATTENTION_KERNELS[:-1]) + f" or {ATTENTION_KERNELS[-1]!r}")
 
     # Parallel layout.
-    _check(min(p.tp, p.pp) >= 1, "parallel.tp and parallel.pp must be >= 1")
     _check(world_size % (p.tp * p.pp) == 0,
            f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp}; "
            f"launch a multiple of {p.tp * p.pp} processes or change parallel.tp / parallel.pp")
@@ -370,7 +508,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                f"does not divide; pick tp dividing {m.num_patches} or disable sequence_parallel")
     if p.vp is not None:
         _check(p.pp > 1, "parallel.vp (virtual pipeline) needs parallel.pp > 1; unset vp for pp=1")
-        _check(p.vp >= 1, "parallel.vp must be >= 1")
     vp = p.vp or 1
     if p.trunk_layers_in_last_stage is not None:
         _check(p.pp > 1 and p.vp is None,
@@ -386,50 +523,36 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                f"model.num_layers={m.num_layers} is not divisible by pp*vp = {p.pp}*{vp}; "
                f"choose pp and vp whose product divides {m.num_layers}, or set "
                f"parallel.trunk_layers_in_last_stage")
-    _check(p.recompute_granularity in (None, "full", "selective"),
-           f"parallel.recompute_granularity={p.recompute_granularity!r}: use null, 'full' or 'selective'")
-    _check(p.recompute_method in ("uniform", "block"),
-           f"parallel.recompute_method={p.recompute_method!r}: use 'uniform' or 'block'")
     if p.overlap_param_gather:
         _check(p.use_distributed_optimizer, "parallel.overlap_param_gather needs use_distributed_optimizer")
 
-    # Batch.
+    # Batch and schedule.
     dp = p.data_parallel_size(world_size)
-    _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
     _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size*dp = "
            f"{t.micro_batch_size}*{dp}; use a multiple of {t.micro_batch_size * dp}")
-    _check(t.params_dtype in ("fp32", "bf16"), f"train.params_dtype={t.params_dtype!r}: use fp32 or bf16")
     if t.fp8 is not None:
-        _check(t.fp8 in ("hybrid", "e4m3"), f"train.fp8={t.fp8!r}: use null, 'hybrid' or 'e4m3'")
-        _check(t.fp8_recipe in ("delayed", "tensorwise"),
-               f"train.fp8_recipe={t.fp8_recipe!r}: use 'delayed' or 'tensorwise'")
-        _check(t.fp8_amax_reduction in ("tp_dp", "tp"),
-               f"train.fp8_amax_reduction={t.fp8_amax_reduction!r}: use 'tp_dp' or 'tp'")
         _check(t.params_dtype == "bf16", "train.fp8 needs train.params_dtype=bf16 (FP8 GEMMs, bf16 "
                                          "activations, fp32 master weights)")
-    _check(0.0 <= t.warmup_fraction <= 1.0, "train.warmup_fraction must be within [0, 1]")
-    _check(t.train_iters >= 1, "train.train_iters must be >= 1")
-    _check(min(t.log_interval, t.eval_iters, t.max_bad_steps) >= 1,
-           "train.log_interval, train.eval_iters and train.max_bad_steps must be >= 1")
-    _check(min(t.eval_interval, t.save_interval, t.keep_last, t.exit_after_steps) >= 0,
-           "train.eval_interval, save_interval, keep_last and exit_after_steps must be >= 0")
-    _check(t.lr > 0 and math.isfinite(t.lr), "train.lr must be a positive number")
+    _check(t.warmup_fraction <= 1.0, f"train.warmup_fraction={t.warmup_fraction}: must be within [0, 1]")
+    _check(t.min_lr <= t.effective_lr,
+           f"train.min_lr={t.min_lr} exceeds the peak learning rate {t.effective_lr:.3g} (train.lr"
+           f"{' scaled by global_batch_size/4096' if t.scale_lr else ''}); lower train.min_lr")
 
     d = cfg.data
-    _check(d.loader in ("auto", "dali", "torch"), f"data.loader={d.loader!r}: use auto, dali or torch")
     _check(len(d.train_sources) >= 1, "data.train_sources is empty; name shards, a folder or 'synthetic'")
     if d.train_weights is not None:
         _check(len(d.train_weights) == len(d.train_sources) and all(w > 0 for w in d.train_weights),
                f"data.train_weights needs one positive weight per source ({len(d.train_sources)})")
+    _check((d.mean is None) == (d.std is None),
+           "data.mean and data.std go together: set both (one value per channel) or neither")
     mean, std = d.normalization(m.in_channels)
-    _check(len(mean) == m.in_channels and len(std) == m.in_channels and min(std) > 0,
-           f"data.mean/std need {m.in_channels} values (model.in_channels), std > 0")
-    _check(0 < d.crop_scale_min <= d.crop_scale_max <= 1.0,
-           "data.crop_scale_min/max must satisfy 0 < min <= max <= 1")
-    _check(d.dali_device in ("auto", "cpu", "gpu"), f"data.dali_device={d.dali_device!r}: use auto, cpu or gpu")
-    _check(d.num_workers >= 0, "data.num_workers must be >= 0")
-    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+    _check(len(mean) == m.in_channels,
+           f"data.mean needs {m.in_channels} values (model.in_channels), got {len(mean)}")
+    _check(len(std) == m.in_channels and min(std) > 0,
+           f"data.std needs {m.in_channels} values (model.in_channels), each > 0, got {std}")
+    _check(d.crop_scale_min <= d.crop_scale_max <= 1.0,
+           f"data.crop_scale_max={d.crop_scale_max}: need data.crop_scale_min <= data.crop_scale_max <= 1")
 
 
 def num_microbatches(cfg: Config, world_size: int) -> int:

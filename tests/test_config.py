@@ -31,7 +31,7 @@ def test_yaml_with_preset_and_overrides(tmp_path):
     (["parallel.pp=2", "parallel.trunk_layers_in_last_stage=2"], 2, None),
     (["parallel.pp=3", "parallel.trunk_layers_in_last_stage=1"], 3, "do not divide evenly"),
     (["data.train_sources=[a, b]", "data.train_weights=[1.0]"], 1, "one positive weight per source"),
-    (["model.attention_kernel=flash"], 1, "choose 'auto', 'varlen', 'flex' or 'masked'"),
+    (["model.attention_kernel=flash"], 1, "use 'auto', 'varlen', 'flex' or 'masked'"),
     (["train.params_dtype=bf16", "train.fp8=hybrid", "train.fp8_amax_reduction=dp"], 1, "use 'tp_dp' or 'tp'"),
 ])
 def test_invalid_layouts_name_the_fix(overrides, world, fix, tiny_overrides):
