@@ -137,45 +137,69 @@ class Source:
     has_labels: bool = False
 
 
-def _source_error(spec: str, problem: str) -> ValueError:
-    return ValueError(
-        f"data source {spec!r}: {problem}. A source is a .tar shard, a directory of shards "
+class DataSourceError(ValueError):
+    """A data source that cannot be read; the message names the config field to fix."""
+
+
+def _source_error(spec: str, problem: str, field: str = "data.train_sources") -> DataSourceError:
+    return DataSourceError(
+        f"{field}: data source {spec!r}: {problem}. A source is a .tar shard, a directory of shards "
         f"(tools/make_shards.py writes one), a glob such as 'data/train-*.tar', an image folder "
-        f"(class sub-folders give labels), or 'synthetic'; set data.train_sources")
+        f"(class sub-folders give labels), or 'synthetic'; fix {field}")
 
 
-def resolve_source(spec: str) -> Source:
-    if spec == "synthetic":
-        return Source(spec, "synthetic", num_samples=0)
+def _check_path(spec: str, field: str) -> Optional[list[str]]:
+    """The tars a glob matches (None for a plain path), or the error of a source that is missing."""
     if any(ch in spec for ch in "*?["):
         tars = sorted(glob.glob(spec))
         if not tars:
-            raise _source_error(spec, "the glob matched no files")
-        return _wds_source(spec, tars)
+            raise _source_error(spec, "the glob matched no files", field)
+        return tars
     path = Path(spec)
     if not path.exists():
-        raise _source_error(spec, "the path does not exist")
+        raise _source_error(spec, "the path does not exist", field)
+    if path.is_file() and path.suffix != ".tar":
+        raise _source_error(spec, "a file source must be a .tar shard", field)
+    return None
+
+
+def check_source_paths(cfg: Config) -> None:
+    """Cheap start-up check that every source of every split exists (no tree walk, no reads),
+    so a typo fails on every rank at once, before any process group or model exists."""
+    for field, specs in (("data.train_sources", cfg.data.train_sources),
+                         ("data.val_sources", cfg.data.val_sources)):
+        for spec in specs:
+            if spec != "synthetic":
+                _check_path(spec, field)
+
+
+def resolve_source(spec: str, field: str = "data.train_sources") -> Source:
+    """``field``: the config field (or option) that named ``spec``, for the error message."""
+    if spec == "synthetic":
+        return Source(spec, "synthetic", num_samples=0)
+    tars = _check_path(spec, field)
+    if tars is not None:
+        return _wds_source(spec, tars, field)
+    path = Path(spec)
     if path.is_file():
-        if path.suffix != ".tar":
-            raise _source_error(spec, "a file source must be a .tar shard")
-        return _wds_source(spec, [str(path)])
+        return _wds_source(spec, [str(path)], field)
     if (path / MANIFEST_NAME).is_file():
         manifest = json.loads((path / MANIFEST_NAME).read_text())
         tars = [str(path / s["tar"]) for s in manifest.get("shards", [])]
         missing = [t for t in tars if not os.path.isfile(t)]
         if missing:
             raise _source_error(spec, f"{len(missing)} shard(s) listed in {MANIFEST_NAME} are missing, "
-                                      f"e.g. {missing[0]}; rebuild with tools/make_shards.py")
-        src = _wds_source(spec, tars)
+                                      f"e.g. {missing[0]}; rebuild with tools/make_shards.py", field)
+        src = _wds_source(spec, tars, field)
         src.classes = list(manifest.get("classes", []))
         return src
     tars = sorted(str(p) for p in path.glob("*.tar"))
     if tars:
-        return _wds_source(spec, tars)
-    return _folder_source(spec, path)
+        return _wds_source(spec, tars, field)
+    return _folder_source(spec, path, field)
 
 
-def _wds_source(spec: str, tars: list[str]) -> Source:
+def _wds_source(spec: str, tars: list[str], field: str = "data.train_sources") -> Source:
     indices, total, has_labels = [], 0, False
     for i, tar in enumerate(tars):
         idx = str(Path(tar).with_suffix(".idx"))
@@ -193,11 +217,11 @@ def _wds_source(spec: str, tars: list[str]) -> Source:
             if i == 0:
                 has_labels = any("cls" in s.components for s in samples[:16])
     if total == 0:
-        raise _source_error(spec, "the shards hold no samples")
+        raise _source_error(spec, "the shards hold no samples", field)
     return Source(spec, "wds", tars=tars, indices=indices, num_samples=total, has_labels=has_labels)
 
 
-def _folder_source(spec: str, root: Path) -> Source:
+def _folder_source(spec: str, root: Path, field: str = "data.train_sources") -> Source:
     files, labels = [], []
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     class_of = {c: i for i, c in enumerate(classes)}
@@ -210,7 +234,8 @@ def _folder_source(spec: str, root: Path) -> Source:
                 files.append(os.path.join(dirpath, name))
                 labels.append(label)
     if not files:
-        raise _source_error(spec, f"no .tar shards and no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        raise _source_error(spec, f"no .tar shards and no images ({', '.join(IMAGE_EXTENSIONS)}) found",
+                            field)
     return Source(spec, "folder", files=files, labels=labels, classes=classes,
                   num_samples=len(files), has_labels=any(lb >= 0 for lb in labels))
 
@@ -426,11 +451,12 @@ class ImageLoader:
         self.cfg, self.dp_rank, self.dp_size, self.micro_batch_size = cfg, dp_rank, dp_size, micro_batch_size
         self.split, self.train = split, split == "train"
         self.weights = list(weights) if weights is not None else [1.0] * len(specs)
-        self.sources = [resolve_source(spec) for spec in specs]
+        self.sources = [resolve_source(spec, f"data.{split}_sources") for spec in specs]
         for src in self.sources:
             if src.kind != "synthetic" and src.num_samples < dp_size:
-                raise ValueError(f"data source {src.spec!r} has {src.num_samples} samples, fewer than the "
-                                 f"{dp_size} data-parallel ranks; add data or lower the DP size")
+                raise DataSourceError(f"data.{split}_sources: data source {src.spec!r} has {src.num_samples} "
+                                      f"samples, fewer than the {dp_size} data-parallel ranks; add data "
+                                      f"or lower the DP size")
         self.streams: list[SourceStream] = []
         try:
             for i, src in enumerate(self.sources):
