@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from . import checkpoint, cpu_shims, parallel
+from . import checkpoint, cli, cpu_shims, parallel
 from .config import Config, ConfigError, load_config, num_microbatches
 from .flops import device_peak_tflops, train_flops_per_image
 from . import data
@@ -39,6 +40,21 @@ EXIT_OK, EXIT_ERROR, EXIT_DIVERGED, EXIT_REQUEUE = 0, 1, 2, 3
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class DataError(RuntimeError):
+    """A data source that a reading rank could not open; every rank raises it together."""
+
+
+def _agree_on_error(problem: Optional[str]) -> None:
+    """Share a problem found by any rank with all of them (one collective), so that no rank goes
+    on into training and waits there for a peer that has failed. Raises DataError everywhere."""
+    problems: list[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    found = [(rank, text) for rank, text in enumerate(problems) if text]
+    if found:
+        rank, text = found[0]
+        raise DataError(text if rank == 0 else f"(rank {rank}) {text}")
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
@@ -84,15 +100,24 @@ class Trainer:
         self.needs_images = self.first_stage or self.last_stage
         self.reads_data = self.needs_images and self.tp_rank == 0
         self.train_loader = None
-        if self.reads_data:
-            self.train_loader = train_loader or data.build_loader(
-                cfg, self.dp_rank, self.dp_size, t.micro_batch_size)
         # Held-out data: data.val_sources (resize + center crop, fixed order); a synthetic
         # training set is validated on synthetic images of the "val" split.
         self.val_cfg = cfg
         if not cfg.data.val_sources and all(s == "synthetic" for s in cfg.data.train_sources):
             self.val_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_sources=["synthetic"]))
         self.has_val = bool(self.val_cfg.data.val_sources)
+        problem = None
+        if self.reads_data:
+            try:
+                self.train_loader = train_loader or data.build_loader(
+                    cfg, self.dp_rank, self.dp_size, t.micro_batch_size)
+                # The validation loader is built at each evaluation: open its sources now, so a
+                # bad one fails at start and not at the first evaluation hours later.
+                for spec in cfg.data.val_sources:
+                    data.resolve_source(spec, "data.val_sources")
+            except (ValueError, ImportError) as exc:
+                problem = cli.one_line(exc)
+        _agree_on_error(problem)
         self.out_dir = Path(t.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.step = 0
@@ -341,8 +366,91 @@ def _rss_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.2g} s"
+
+
+# Fraction of a plain matmul's FLOP/s that whole training steps reach: ~0.3 measured on CPU
+# (README, benchmarks/mfu.py), below the 45% MFU goal on H100s, so the estimate errs long.
+STEP_EFFICIENCY = 0.3
+# A step estimated longer than this is reported as absurd for the device.
+ABSURD_STEP_SECONDS = 600.0
+
+
+def measured_matmul_flops(seconds: float = 0.1) -> tuple[float, str]:
+    """FLOP/s of a square matmul on this process's device, measured for about ``seconds``."""
+    device = cpu_shims.device()
+    cuda = device.type == "cuda"
+    n, dtype = (4096, torch.bfloat16) if cuda else (256, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if reps % 4 == 0:
+            sync()
+            if time.perf_counter() - start >= seconds:
+                break
+    rate = 2.0 * n ** 3 * reps / (time.perf_counter() - start)
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    return rate, f"{name}: {dtype_name(dtype)} matmul {rate / 1e12:.3g} TFLOP/s"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def startup_summary(cfg: Config, world: int, matmul_flops: Optional[tuple[float, str]] = None
+                    ) -> tuple[list[str], Optional[str]]:
+    """What is about to run, before anything is built: (lines, warning or None). The warning
+    is set when the estimated step time or memory is absurd for the device."""
+    from .sizing import GIB, estimate_memory, head_params, trunk_params
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dp = p.data_parallel_size(world)
+    rate, device = matmul_flops or measured_matmul_flops()
+    step_flops = train_flops_per_image(m) * t.global_batch_size
+    step_s = step_flops / (world * rate * STEP_EFFICIENCY)
+    lines = [
+        f"model {m.preset or 'custom'}: {trunk_params(m) / 1e6:,.1f}M trunk + {head_params(m) / 1e6:,.1f}M "
+        f"head parameters ({m.num_layers} layers, width {m.hidden_size}, {m.num_heads} heads), "
+        f"{m.image_size}px images in {m.num_patches} patches",
+        f"{t.global_batch_size} images per step = micro-batch {t.micro_batch_size} x "
+        f"{num_microbatches(cfg, world)} micro-batches x dp {dp}; layout tp={p.tp} pp={p.pp} "
+        f"vp={p.vp or 1} dp={dp} on {world} process(es); {t.train_iters} steps",
+        f"{step_flops / 1e12:,.3g} TFLOP per step; estimated {_duration(step_s)} per step and "
+        f"{_duration(step_s * t.train_iters)} for the run ({device}; {STEP_EFFICIENCY:.0%} of it assumed)",
+    ]
+    problems = []
+    if step_s > ABSURD_STEP_SECONDS:
+        problems.append(f"about {_duration(step_s)} per step")
+    memory = estimate_memory(cfg, world).peak.total
+    if torch.cuda.is_available():
+        available = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        where = "of GPU memory"
+    else:  # every process of this machine shares its memory
+        import psutil
+        available = psutil.virtual_memory().total / int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        where = "of this machine's memory per process"
+    if memory > available:
+        problems.append(f"an estimated {memory / GIB:.1f} GiB per process, more than the "
+                        f"{available / GIB:.1f} GiB {where}")
+    warning = None
+    if problems:
+        warning = (f"this run is far too big for this device ({' and '.join(problems)}); use a smaller "
+                   f"model (e.g. model.preset=aim-tiny, see examples/configs/), a smaller "
+                   f"train.global_batch_size, or more/faster devices")
+    return lines, warning
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="aim-pretrain", description="Pre-train AIM with megatron-core.")
+    ap = cli.ArgumentParser(prog="aim-pretrain", description="Pre-train AIM with megatron-core.")
     ap.add_argument("--config", help="YAML config (see examples/configs/)")
     ap.add_argument("--resume", default="auto",
                     help="'auto' (latest checkpoint in train.output_dir, if any), 'none', or a step_* dir")
@@ -355,24 +463,46 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-parameter INFO lists
+    # Errors every rank finds alike (config, data paths) are printed by rank 0 only: one line,
+    # not one per process.
+    def fail(kind: str, exc: BaseException) -> int:
+        if cli.is_rank0():
+            print(f"aim-pretrain: {kind}{cli.one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
     try:
         cfg = load_config(args.config, args.overrides)
+        if Path(cfg.train.output_dir).exists() and not Path(cfg.train.output_dir).is_dir():
+            raise ConfigError(f"train.output_dir={cfg.train.output_dir} is a file; name a directory")
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
+        data.check_source_paths(cfg)
         world = parallel.initialize(cfg)
     except ConfigError as exc:
-        print(f"aim-pretrain: configuration error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    trainer = Trainer(cfg, world)
+        parallel.shutdown()
+        return fail("configuration error: ", exc)
+    except data.DataSourceError as exc:
+        return fail("data error: ", exc)
+    trainer = None
     try:
+        if dist.get_rank() == 0:  # say what is about to run before the (maybe long) build
+            lines, warning = startup_summary(cfg, world)
+            for line in lines:
+                log.info(line)
+            if warning:
+                log.warning(warning)
+        trainer = Trainer(cfg, world)
         trainer.resume(args.resume)
         return trainer.run()
+    except DataError as exc:
+        return fail("data error: ", exc)
     except checkpoint.CheckpointError as exc:
-        print(f"aim-pretrain: checkpoint error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail("checkpoint error: ", exc)
     except TrainingDiverged as exc:
         print(f"aim-pretrain: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
         parallel.shutdown()
 
 
