@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
 # The README's main job, on a CPU: pre-train a small AIM on Fashion-MNIST, plot its loss curves,
-# then compare an attentive probe on its frozen trunk with one on a randomly initialised trunk.
+# then compare an attentive probe on its frozen trunk with one on a randomly initialised trunk and
+# with logistic regression and k-NN on the raw pixels of the same images.
 # Run through `make demo` (which installs everything first). About 15 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-runs/demo}"
 DATA="${DATA:-data/fashion-mnist}"
-PROBE_ARGS=(--data "$DATA" --train-samples 10000 --test-samples 2000)   # the shards of step 1
+PROBE_TRAIN="${PROBE_TRAIN:-10000}"   # seeded subset of the 60k training images for probes and baselines
+PROBE_ARGS=(--data "$DATA" --train-samples "$PROBE_TRAIN")   # the shards of step 1; all 10k test images
 
-echo "== 1/4 WebDataset shards of Fashion-MNIST (60k train, 10k test) in $DATA"
+echo "== 1/5 WebDataset shards of Fashion-MNIST (60k train, 10k test) in $DATA"
 for split in train test; do
   if [ ! -f "$DATA/$split/manifest.json" ]; then
     "$PYTHON" tools/make_shards.py --fashion-mnist "$split" --out "$DATA/$split"
   fi
 done
 
-echo "== 2/4 pre-training (examples/configs/aim_fmnist_demo.yaml) into $OUT"
+echo "== 2/5 pre-training (examples/configs/aim_fmnist_demo.yaml) into $OUT"
 "$PYTHON" -m aim_megatron.train --config examples/configs/aim_fmnist_demo.yaml \
   "train.output_dir=$OUT" "data.train_sources=[$DATA/train]" "data.val_sources=[$DATA/test]"
 
-echo "== 3/4 loss curves"
+echo "== 3/5 loss curves"
 "$PYTHON" tools/plot_metrics.py "$OUT"
 
-echo "== 4/4 attentive probes: pre-trained trunk vs randomly initialised trunk"
+echo "== 4/5 pixel baselines on the same images: logistic regression and k-NN"
+"$PYTHON" -m aim_megatron.baselines "${PROBE_ARGS[@]}" --out "$OUT/probe/pixels"
+
+echo "== 5/5 attentive probes: pre-trained trunk vs randomly initialised trunk"
 "$PYTHON" -m aim_megatron.probe --checkpoint "$OUT" "${PROBE_ARGS[@]}" --out "$OUT/probe/trained"
 "$PYTHON" -m aim_megatron.probe --checkpoint "$OUT" --random-init "${PROBE_ARGS[@]}" --out "$OUT/probe/random"
 
@@ -32,9 +37,21 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 val = [json.loads(l)["val_loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
-trained = json.loads((out / "probe/trained/metrics.json").read_text())
-random_ = json.loads((out / "probe/random/metrics.json").read_text())
+read = lambda name: json.loads((out / "probe" / name / "metrics.json").read_text())
+trained, random_, pixels = read("trained"), read("random"), read("pixels")
 print(f"\nvalidation loss: {val[0]:.4f} (first evaluation) -> {val[-1]:.4f} (end)   curve: {out}/loss_curve.png")
-print(f"attentive probe top-1: pre-trained trunk {trained['top1']:.4f}  vs  random trunk {random_['top1']:.4f}")
+print(f"top-1 on {trained['num_test']} test images, {trained['num_train']} training images:")
+rows = [("attentive probe, pre-trained trunk", trained["top1"]),
+        ("attentive probe, random-init trunk", random_["top1"]),
+        (f"logistic regression on pixels (l2 {pixels['logreg']['l2']:g})", pixels["logreg"]["top1"]),
+        (f"k-NN on pixels (k={pixels['knn']['k']})", pixels["knn"]["top1"])]
+for name, top1 in rows:
+    print(f"  {name:<44} {top1:.4f}")
+best = max(pixels["logreg"]["top1"], pixels["knn"]["top1"])
+verdict = "beats" if trained["top1"] > best else "does NOT beat"
+print(f"pre-trained features {verdict} the best pixel baseline: {100 * (trained['top1'] - best):+.1f} points")
 print(f"confusion matrix: {out}/probe/trained/confusion.png")
+(out / "probe" / "summary.json").write_text(json.dumps(
+    {"val_loss_first": val[0], "val_loss_last": val[-1], **{name: top1 for name, top1 in rows},
+     "margin_over_best_pixel_baseline": trained["top1"] - best}, indent=2))
 PY
