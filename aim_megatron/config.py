@@ -71,6 +71,11 @@ class ModelConfig:
     # prefix_max None means num_patches - 1 (FACTS: [1, 255] for 256 patches).
     prefix_min: int = 1
     prefix_max: Optional[int] = None
+    # Ablations of the paper (Tables 3-4, docs/findings.md): prefix_min = prefix_max = 0 trains
+    # plain causal attention; target_norm false regresses raw (dataset-normalized) pixels instead
+    # of per-patch normalized ones; head_type "linear" replaces the MLP head with one Linear.
+    target_norm: bool = True
+    head_type: str = "mlp"
     init_std: float = 0.02
     # Layer implementation: "auto" picks Transformer Engine when it imports and a GPU is present.
     backend: str = "auto"
@@ -322,8 +327,7 @@ def parse_value(item: str, raw: str) -> Any:
         return yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(exc)}); "
-                          f"quote it or close its brackets, e.g. data.train_sources='[a.tar, b.tar]'"
-                          ) from None
+                          f"quote it or close its brackets") from None
 
 
 def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
@@ -464,6 +468,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"model.preset {m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
     _check_choice("model.backend", m.backend, ("auto", "te", "local"))
     _check_choice("model.attention_kernel", m.attention_kernel, ATTENTION_KERNELS)
+    _check_choice("model.head_type", m.head_type, ("mlp", "linear"))
     _check_choice("parallel.recompute_granularity", p.recompute_granularity, (None, "full", "selective"))
     _check_choice("parallel.recompute_method", p.recompute_method, ("uniform", "block"))
     _check_choice("train.params_dtype", t.params_dtype, ("fp32", "bf16"))
@@ -487,9 +492,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check(m.ffn_hidden_size >= 1, f"model.mlp_ratio={m.mlp_ratio} gives an MLP width of "
                                    f"{m.ffn_hidden_size}; raise model.mlp_ratio")
     lo, hi = m.prefix_range
-    _check(1 <= lo <= hi <= m.num_patches - 1,
+    _check(0 <= lo <= hi <= m.num_patches - 1 and (lo >= 1 or hi == 0),
            f"model prefix range [{lo}, {hi}] must lie within [1, {m.num_patches - 1}] "
-           f"(num_patches - 1); set model.prefix_min / model.prefix_max accordingly")
+           f"(num_patches - 1), or be [0, 0] for plain causal attention; set model.prefix_min / "
+           f"model.prefix_max accordingly")
 
     # Parallel layout.
     _check(world_size % (p.tp * p.pp) == 0,

@@ -350,7 +350,8 @@ def list_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
     """Every regular file under ``root`` (sorted), its class (first sub-folder, -1 at top level), classes."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise FileNotFoundError(f"image folder {root} does not exist; pass an existing directory "
+                                f"(--folder of tools/make_shards.py)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     class_of = {c: i for i, c in enumerate(classes)}
     files, labels = [], []

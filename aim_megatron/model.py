@@ -232,6 +232,12 @@ def normalized_targets(images: torch.Tensor, patch: int, eps: float = 1e-6) -> t
     return (t - mean) / (var + eps) ** 0.5
 
 
+def pixel_targets(images: torch.Tensor, patch: int, normalize: bool = True) -> torch.Tensor:
+    """Regression targets [b, N, patch_dim]: per-patch normalized pixels (AIM), or the input
+    pixels as they are (already normalized by the dataset mean/std) with ``normalize=False``."""
+    return normalized_targets(images, patch) if normalize else patchify(images.float(), patch)
+
+
 def next_patch_errors(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[b, N-1]: MSE (over patch values) of the prediction at i against target patch i+1."""
     return ((pred[:, :-1].float() - targets[:, 1:]) ** 2).mean(dim=-1)
@@ -341,7 +347,14 @@ class AIMModel(MegatronModule):
                                                       device=dev, dtype=dtype)
             for p in self.post_trunk_norm.parameters():
                 setattr(p, "sequence_parallel", trunk_config.sequence_parallel)
-            self.head = PredictionHead(m, head_config, backend)
+            if m.head_type == "linear":  # ablation: one Linear(D -> patch_dim), no MLP blocks
+                self.head = torch.nn.Linear(m.hidden_size, m.patch_dim, device=dev, dtype=dtype)
+                torch.nn.init.xavier_uniform_(self.head.weight)
+                torch.nn.init.zeros_(self.head.bias)
+                for p in self.head.parameters():
+                    setattr(p, "sequence_parallel", trunk_config.sequence_parallel)
+            else:
+                self.head = PredictionHead(m, head_config, backend)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by the pipeline schedule with the activations received from the previous stage."""
@@ -371,7 +384,8 @@ class AIMModel(MegatronModule):
             pred = tensor_parallel.gather_from_sequence_parallel_region(
                 pred, tensor_parallel_output_grad=False)
         pred = pred.transpose(0, 1)  # [b, N, patch_dim]
-        return next_patch_errors(pred, normalized_targets(images, self.model_cfg.patch_size))
+        m = self.model_cfg
+        return next_patch_errors(pred, pixel_targets(images, m.patch_size, m.target_norm))
 
 
     @torch.no_grad()

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from .config import BEST_PROBE_LAYERS, PRESETS, ConfigError, ModelConfig, _coerce
+from . import cli
+from .config import (BEST_PROBE_LAYERS, PRESETS, ConfigError, ModelConfig, _coerce, parse_value,
+                     read_yaml_file)
 
 log = logging.getLogger("aim_megatron.probe")
 
@@ -114,12 +115,10 @@ def load_probe_config(path: Optional[str | Path], overrides: Sequence[str] = ()
     (``parallel.tp=2``, ``model.backend=local``) are returned for the trunk's config."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"probe config {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict) or set(data) - {"probe"}:
-            raise ConfigError(f"{path} must hold one mapping named 'probe' (got {sorted(data)})")
+        data = read_yaml_file(path, "probe config") or {}
+        if not isinstance(data, dict) or set(data) - {"probe"} or not isinstance(data.get("probe") or {}, dict):
+            raise ConfigError(f"probe config {path} must hold one mapping named 'probe' "
+                              f"(probe: {{kind: attentive, ...}}), got {data!r:.80}")
         values = dict(data.get("probe") or {})
     trunk_overrides = []
     for item in overrides:
@@ -127,7 +126,7 @@ def load_probe_config(path: Optional[str | Path], overrides: Sequence[str] = ()
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. probe.epochs=20")
         if key.startswith("probe."):
-            values[key[len("probe."):]] = yaml.safe_load(raw)
+            values[key[len("probe."):]] = parse_value(item, raw)
         else:
             trunk_overrides.append(item)
     return probe_config_from_dict(values), trunk_overrides
@@ -673,7 +672,7 @@ def run_probe(cfg, ckpt: Path, probe_cfg: ProbeConfig, specs: dict[str, str], ou
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="aim-probe", description="Train and evaluate a probe on a frozen AIM trunk.")
+    ap = cli.ArgumentParser(prog="aim-probe", description="Train and evaluate a probe on a frozen AIM trunk.")
     ap.add_argument("--checkpoint", required=True, help="RUN/checkpoints/step_*, RUN/checkpoints or RUN")
     ap.add_argument("--random-init", action="store_true",
                     help="probe a randomly initialised trunk of the checkpoint's architecture (baseline)")
@@ -702,6 +701,10 @@ def main(argv=None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     from . import checkpoint, parallel
     try:
+        for name in ("train_samples", "test_samples"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1 "
+                                  f"(leave it out to use the whole split)")
         probe_cfg, trunk_overrides = load_probe_config(args.config, args.overrides)
         ckpt = find_checkpoint(args.checkpoint)
         cfg = checkpoint.config_from_checkpoint(ckpt, TRUNK_LAYOUT + trunk_overrides)

@@ -143,5 +143,5 @@ def test_make_shards_cli(tmp_path):
     assert proc.returncode == 0 and "OK" in proc.stdout
     proc = subprocess.run([sys.executable, "tools/make_shards.py", "--folder", str(tmp_path / "nope"),
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
 

@@ -313,10 +313,10 @@ def test_plan_rejects_bad_grids(sweep, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**SPEC, "widths": [40]}))
     r = tool("plan", bad, "--out", out)
-    assert r.returncode == 2 and "width 40 is not a multiple of head_dim 16" in r.stderr
+    assert r.returncode == 1 and "width 40 is not a multiple of head_dim 16" in r.stderr
     bad.write_text(yaml.safe_dump({**SPEC, "compute": [1e9]}))
     r = tool("plan", bad, "--out", out)
-    assert r.returncode == 2 and "exactly one of 'images'" in r.stderr
+    assert r.returncode == 1 and "exactly one of 'images'" in r.stderr
 
 
 def test_trainer_command_construction():

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import checkpoint, parallel  # noqa: E402
+from aim_megatron import checkpoint, cli, parallel  # noqa: E402
 from aim_megatron.config import PRESETS, Config, ModelConfig, load_config  # noqa: E402
 from aim_megatron.probe import (AttentiveProbe, ProbeConfig, load_probe, resolve_layers,  # noqa: E402
                                 save_probe)
@@ -214,7 +214,7 @@ def export_official(src: Path, probe_path: Optional[Path] = None) -> dict[str, t
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     i = sub.add_parser("import", help="official AIM v1 state dict -> aim-megatron checkpoint")
     i.add_argument("--src", type=Path, required=True, help="official .pth/.pt or .safetensors")
@@ -229,7 +229,24 @@ def main(argv=None) -> int:
     e.add_argument("--probe", type=Path, help="probe.pt written by aim-probe: exported as head.*")
     args = ap.parse_args(argv)
 
+    def check_args() -> None:
+        """Paths checked before any process group or model exists."""
+        if args.command == "import":
+            if not args.src.is_file():
+                raise ConvertError(f"--src {args.src}: no such file; pass the official AIM v1 .pth/.pt "
+                                   f"or .safetensors file")
+            if args.probe_layers is not None and args.probe_out is None:
+                raise ConvertError("--probe-layers needs --probe-out (where to write the file's probe)")
+            return
+        if not args.src.is_dir():
+            raise ConvertError(f"--src {args.src}: not a checkpoint directory; pass RUN/checkpoints/step_*")
+        if args.out.suffix not in (".pth", ".pt", ".safetensors") or args.out.is_dir():
+            raise ConvertError(f"--out {args.out}: name a .pth, .pt or .safetensors file")
+        if args.probe is not None and not args.probe.is_file():
+            raise ConvertError(f"--probe {args.probe}: no such file; pass the probe.pt aim-probe wrote")
+
     def body() -> None:
+        check_args()
         if args.command == "import":
             cfg = load_config(args.config, args.overrides + [f"train.output_dir={args.dst}"])
             import_official(args.src, args.dst, cfg, args.probe_out, args.probe_layers)

@@ -23,13 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aim_megatron.cli import ArgumentParser  # noqa: E402
 from aim_megatron.data_samples import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
 from aim_megatron.data_shards import (read_idx, shards_from_arrays, shards_from_folder,  # noqa: E402
                                       verify_manifest, write_wds_index)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--folder", help="image folder (recursively; first-level sub-folders = classes)")
     src.add_argument("--fashion-mnist", choices=["train", "test"], help="Debian dataset-fashion-mnist split")
@@ -47,18 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="use only the first N (shuffled) inputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    for name in ("samples_per_shard", "max_side", "workers", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} {value}: must be >= 1")
 
     if args.index_only:
         for tar in args.index_only:
             if not Path(tar).is_file():
-                print(f"error: {tar} does not exist", file=sys.stderr)
-                return 2
+                print(f"error: --index-only {tar}: no such file; pass existing .tar shards", file=sys.stderr)
+                return 1
             print(f"{write_wds_index(tar)}")
         return 0
     if args.verify:
         if not (Path(args.verify) / "manifest.json").is_file():
-            print(f"error: {args.verify}/manifest.json not found; is it a make_shards.py output?", file=sys.stderr)
-            return 2
+            print(f"error: --verify {args.verify}: no manifest.json there; pass a directory make_shards.py "
+                  f"wrote", file=sys.stderr)
+            return 1
         problems = verify_manifest(args.verify)
         for line in problems:
             print(line)
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                                           **common)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     print(f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shard(s) to {args.out} "
           f"(+ .idx, manifest.json); skipped {manifest['num_skipped']} file(s)"
           + (f": {manifest['skipped_by_kind']}" if manifest["num_skipped"] else ""))

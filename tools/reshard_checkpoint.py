@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import checkpoint, parallel  # noqa: E402
+from aim_megatron import checkpoint, cli, parallel  # noqa: E402
 from aim_megatron.config import ConfigError  # noqa: E402
 from aim_megatron.reference import megatron_to_reference  # noqa: E402
 from aim_megatron.train import build_scheduler  # noqa: E402
@@ -77,7 +77,7 @@ def export(src: Path, out: Path, names: str, with_head: bool) -> dict[str, torch
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("reshard", help="rewrite a checkpoint for another parallel layout")
     r.add_argument("--src", type=Path, required=True, help="a step_* checkpoint directory")
@@ -90,7 +90,19 @@ def main(argv=None) -> int:
     e.add_argument("--with-head", action="store_true", help="include the pre-training head")
     args = ap.parse_args(argv)
 
+    def check_args() -> None:
+        """Paths checked before any process group or model exists; nothing is overwritten."""
+        if not (args.src / checkpoint.META_FILE).is_file():
+            raise checkpoint.CheckpointError(
+                f"--src {args.src}: not a checkpoint directory; pass RUN/checkpoints/step_*")
+        if args.command == "reshard" and (args.dst / "checkpoints" / checkpoint.LATEST_FILE).exists():
+            raise ConfigError(f"--dst {args.dst} already holds checkpoints; reshard into a new --dst")
+        if args.command == "export" and (args.out.suffix not in (".safetensors", ".pt", ".pth")
+                                         or args.out.is_dir()):
+            raise ConfigError(f"--out {args.out}: name a .safetensors, .pt or .pth file")
+
     def body() -> None:
+        check_args()
         if args.command == "reshard":
             bad = [o for o in args.overrides if not o.startswith("parallel.")]
             if bad:

@@ -8,8 +8,8 @@
     python tools/scaling_sweep.py fit runs/sweep-tiny [--bootstrap 200] [--intermediate]
     python tools/scaling_sweep.py predict runs/sweep-tiny/fit.json --compute 1e21 3e21
 
-See docs/scaling.md. Exit codes: 0 ok, 1 failure, 2 bad input, 3 a local run was interrupted
-(it checkpointed; rerun launch to resume).
+See docs/scaling.md. Exit codes: 0 ok, 1 failure or bad input (one line on stderr, see
+docs/errors.md), 3 a local run was interrupted (it checkpointed; rerun launch to resume).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from aim_megatron import cli  # noqa: E402
 from aim_megatron import scaling as S  # noqa: E402
 from aim_megatron.config import PRESETS, ConfigError, ModelConfig  # noqa: E402
 from aim_megatron.sizing import train_flops_per_image, trunk_params  # noqa: E402
@@ -123,7 +124,14 @@ def cmd_fit(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    if not Path(args.fit).is_file():
+        raise FileNotFoundError(f"{args.fit} does not exist; 'scaling_sweep.py fit SWEEP_DIR' writes "
+                                f"SWEEP_DIR/fit.json")
     fit = json.loads(Path(args.fit).read_text())
+    missing = [k for k in ("law", "flops", "tokens_per_image", "base_model") if k not in fit]
+    if missing:
+        raise ValueError(f"{args.fit} is not a fit.json written by 'scaling_sweep.py fit' (no "
+                         f"{', '.join(missing)}); run fit on the sweep first")
     law = S.LossLaw(**fit["law"])
     k, c0 = S.flops_model(fit)
     cl = fit.get("compute_law")
@@ -149,7 +157,7 @@ def cmd_predict(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -207,11 +215,19 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_predict)
 
     args = ap.parse_args(argv)
+    for name in ("nproc", "jobs", "nodes", "gpus_per_node", "max_parallel"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            ap.error(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    if getattr(args, "bootstrap", 0) < 0:
+        ap.error(f"--bootstrap {args.bootstrap}: must be >= 0 (0 turns it off)")
+    if any(c <= 0 for c in getattr(args, "compute", None) or []):
+        ap.error(f"--compute {args.compute}: FLOP budgets must be > 0, e.g. --compute 1e21")
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {cli.one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
