@@ -1,7 +1,7 @@
 # aim-megatron: the two entry points of the README, plus benchmarks.
 PYTHON ?= python3
 
-.PHONY: setup test demo bench gpu-check
+.PHONY: setup test demo findings bench gpu-check
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -13,6 +13,13 @@ test: setup
 # Pre-train a small AIM on Fashion-MNIST on CPU, then probe it (see examples/demo.sh).
 demo: setup
 	PYTHON=$(PYTHON) bash examples/demo.sh
+
+# The AIM paper's findings at CPU scale (tools/findings.py, docs/findings.md): 6 variants x 3 seeds,
+# about two hours on 2 cores. Piece by piece: python tools/findings.py run --only base,raw; then report.
+findings: setup
+	PYTHON=$(PYTHON) bash -c 'for s in train test; do [ -f data/fashion-mnist/$$s/manifest.json ] || \
+		$(PYTHON) tools/make_shards.py --fashion-mnist $$s --out data/fashion-mnist/$$s; done'
+	$(PYTHON) tools/findings.py all
 
 bench: setup
 	$(PYTHON) benchmarks/trunk_throughput.py

@@ -55,3 +55,37 @@ def test_linear_head_is_one_linear_layer(one_thread):
     assert errors.shape == (4, m.num_patches - 1) and torch.isfinite(errors).all()
     with pytest.raises(ConfigError, match="head_type"):
         validate(load_config(None, [*TINY, "model.head_type=conv"]))
+
+
+def test_findings_command_end_to_end(tmp_path):
+    """tools/findings.py run + report on tiny shards: it trains, probes and writes the measured
+    values into the tables and plots."""
+    import json
+    import subprocess
+    import sys
+    from conftest import ROOT
+    data = tmp_path / "data"
+    for split in ("train", "test"):
+        subprocess.run([sys.executable, "tools/make_shards.py", "--fashion-mnist", split, "--limit", "96",
+                        "--out", str(data / split), "--quiet"], cwd=ROOT, check=True, capture_output=True)
+    out, doc = tmp_path / "runs", tmp_path / "docs" / "findings.md"
+    tiny = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.head_hidden_size=32",
+            "model.head_ffn_hidden_size=64", "model.head_num_layers=1", "train.micro_batch_size=16",
+            "train.global_batch_size=16", "train.eval_iters=1", "data.num_workers=0"]
+    cmd = [sys.executable, "tools/findings.py", "all", "--only", "base,raw", "--seeds", "1", "--steps", "2",
+           "--checkpoints", "1", "--data", str(data), "--out", str(out), "--doc", str(doc), "--notes", "none",
+           "--probe-train", "48", "--probe-test", "32", "--threads", "1", "--jobs", "2", "--set", *tiny,
+           "--probe-set", "probe.epochs=1", "probe.batch_size=16"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = doc.read_text()
+    for variant in ("base", "raw"):
+        probe = json.loads((out / variant / "seed0" / "probe" / "step_00000002" / "metrics.json").read_text())
+        assert probe["num_train"] == 48 and probe["num_test"] == 32
+        assert f"| {variant} | {100 * probe['top1']:.1f}% |" in text  # the measured value, in its row
+    assert "## 3. Normalized-pixel vs raw-pixel targets" in text and "1 paired seed(s)" in text
+    assert "**Not run**" in text and "causal" in text          # what was not run is said, with the command
+    assert (doc.parent / "img" / "findings_ablations.png").stat().st_size > 1000
+    # a second run finds everything done and only re-reports
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "$ " not in again.stdout
