@@ -281,8 +281,8 @@ def _build_section(name: str, values: dict) -> Any:
     types_ = _field_types(cls)
     values = _section_values(name, values)
     if name == "model" and values.get("preset") is not None:
-        preset = values["preset"]
-        if not isinstance(preset, str) or preset not in PRESETS:
+        preset = _coerce(values["preset"], str, "model.preset")
+        if preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         values = {**PRESETS[preset], **values}
     kwargs = {}

@@ -375,6 +375,9 @@ def shards_from_folder(root: str | Path, out_dir: str | Path, prefix: str = "sha
     from tqdm import tqdm
 
     files, labels, classes = list_folder(root)
+    if not files:  # before the output directory is created
+        raise ValueError(f"image folder {root} holds no files; pass the folder that holds the images "
+                         f"(or their class sub-folders)")
     order = np.arange(len(files))
     if shuffle_seed is not None:  # shuffled once here, since DALI only shuffles through a buffer
         order = np.random.default_rng(shuffle_seed).permutation(len(files))

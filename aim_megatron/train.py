@@ -449,6 +449,21 @@ def startup_summary(cfg: Config, world: int, matmul_flops: Optional[tuple[float,
     return lines, warning
 
 
+def preflight(cfg: Config) -> None:
+    """What a config needs from this machine, checked alike on every rank before any process
+    group or model exists: the output directory, the data loader, every data source's path."""
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir={out} is a file; name a directory")
+    try:
+        kind = data.select_loader_kind(cfg.data.loader)
+    except ImportError as exc:
+        raise ConfigError(cli.one_line(exc)) from None
+    if kind == "dali" and cfg.data.dali_device == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("data.dali_device=gpu but CUDA is not available; use data.dali_device=auto or cpu")
+    data.check_source_paths(cfg)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = cli.ArgumentParser(prog="aim-pretrain", description="Pre-train AIM with megatron-core.")
     ap.add_argument("--config", help="YAML config (see examples/configs/)")
@@ -472,10 +487,8 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        if Path(cfg.train.output_dir).exists() and not Path(cfg.train.output_dir).is_dir():
-            raise ConfigError(f"train.output_dir={cfg.train.output_dir} is a file; name a directory")
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
-        data.check_source_paths(cfg)
+        preflight(cfg)
         world = parallel.initialize(cfg)
     except ConfigError as exc:
         parallel.shutdown()

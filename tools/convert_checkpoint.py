@@ -211,6 +211,19 @@ def export_official(src: Path, probe_path: Optional[Path] = None) -> dict[str, t
     return {**official, **probe_sd}
 
 
+def _looks_like_weights(path: Path) -> bool:
+    """A cheap look at the first bytes (a 7B file is not read twice): a torch.save zip or legacy
+    pickle, or a safetensors JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors":
+            if len(head) < 8:
+                return False
+            n = int.from_bytes(head, "little")
+            return 2 <= n <= 100_000_000 and f.read(1) == b"{"
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
@@ -235,6 +248,9 @@ def main(argv=None) -> int:
             if not args.src.is_file():
                 raise ConvertError(f"--src {args.src}: no such file; pass the official AIM v1 .pth/.pt "
                                    f"or .safetensors file")
+            if not _looks_like_weights(args.src):
+                raise ConvertError(f"--src {args.src}: neither a torch.save file nor .safetensors; pass "
+                                   f"the official AIM v1 .pth/.pt or .safetensors file")
             if args.probe_layers is not None and args.probe_out is None:
                 raise ConvertError("--probe-layers needs --probe-out (where to write the file's probe)")
             return

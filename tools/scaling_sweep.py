@@ -26,7 +26,9 @@ import numpy as np  # noqa: E402
 
 from aim_megatron import cli  # noqa: E402
 from aim_megatron import scaling as S  # noqa: E402
-from aim_megatron.config import PRESETS, ConfigError, ModelConfig  # noqa: E402
+import yaml  # noqa: E402
+
+from aim_megatron.config import PRESETS, ConfigError, ModelConfig, yaml_problem  # noqa: E402
 from aim_megatron.sizing import train_flops_per_image, trunk_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,6 +229,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {cli.one_line(exc)}", file=sys.stderr)
+        return 1
+    except yaml.YAMLError as exc:  # a sweep spec with a syntax error
+        print(f"error: {args.spec if args.command == 'plan' else 'a YAML file'} is not valid YAML "
+              f"({yaml_problem(exc)}); fix that line", file=sys.stderr)
         return 1
 
 
