@@ -457,8 +457,7 @@ def test_subprocesses_exit_1_with_one_line(work):
     for argv, text in [
         (["--config", work / "bad.yaml"], "config section 'train' must be a mapping"),
         ([*BASE, "train.global_batch_size=0"], "train.global_batch_size=0"),
-        ([*BASE, "model.num_heads=0"], "model.num_heads=0"),
-    ]:
+    ]:  # the other fields fail at the same point: their cases run in-process above
         proc = run(["-m", "aim_megatron.train", *argv, f"train.output_dir={work / 'run'}"])
         one_line(proc.returncode, proc.stderr, "aim-pretrain: configuration error:", text)
     proc = run(["tools/convert_checkpoint.py", "import", "--src", work / "aim.pth", "--dst", work / "x"])
