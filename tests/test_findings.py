@@ -89,3 +89,20 @@ def test_findings_command_end_to_end(tmp_path):
     # a second run finds everything done and only re-reports
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "$ " not in again.stdout
+
+
+def test_probe_num_heads_defaults_to_the_trunk_and_round_trips(tmp_path):
+    from aim_megatron import probe as P
+    from aim_megatron.config import ModelConfig
+    assert P.probe_config_from_dict({}).num_heads is None
+    cfg = P.probe_config_from_dict({"num_heads": 8})
+    with pytest.raises(ConfigError, match="num_heads"):
+        P.probe_config_from_dict({"num_heads": 0})
+    probe = P.build_probe("attentive", 32, cfg.num_heads, 3)
+    m = ModelConfig(hidden_size=32, num_heads=4)
+    P.save_probe(tmp_path / "p.pt", probe, cfg, [0], m, ["a", "b", "c"])
+    loaded, _ = P.load_probe(tmp_path / "p.pt")
+    assert loaded.num_heads == 8
+    x = torch.randn(5, 7, 32)
+    probe.eval()
+    torch.testing.assert_close(loaded(x), probe(x))
