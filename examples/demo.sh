@@ -10,6 +10,8 @@ OUT="${OUT:-runs/demo}"
 DATA="${DATA:-data/fashion-mnist}"
 PROBE_TRAIN="${PROBE_TRAIN:-10000}"   # seeded subset of the 60k training images for probes and baselines
 PROBE_ARGS=(--data "$DATA" --train-samples "$PROBE_TRAIN")   # the shards of step 1; all 10k test images
+# 16 probe heads instead of the trunk's 4: each head pools its own attention map, +3 points here (docs/probe.md)
+PROBE_SET=(probe.num_heads=16)
 
 echo "== 1/5 WebDataset shards of Fashion-MNIST (60k train, 10k test) in $DATA"
 for split in train test; do
@@ -29,8 +31,9 @@ echo "== 4/5 pixel baselines on the same images: logistic regression and k-NN"
 "$PYTHON" -m aim_megatron.baselines "${PROBE_ARGS[@]}" --out "$OUT/probe/pixels"
 
 echo "== 5/5 attentive probes: pre-trained trunk vs randomly initialised trunk"
-"$PYTHON" -m aim_megatron.probe --checkpoint "$OUT" "${PROBE_ARGS[@]}" --out "$OUT/probe/trained"
-"$PYTHON" -m aim_megatron.probe --checkpoint "$OUT" --random-init "${PROBE_ARGS[@]}" --out "$OUT/probe/random"
+"$PYTHON" -m aim_megatron.probe --checkpoint "$OUT" "${PROBE_ARGS[@]}" --out "$OUT/probe/trained" "${PROBE_SET[@]}"
+"$PYTHON" -m aim_megatron.probe --checkpoint "$OUT" --random-init "${PROBE_ARGS[@]}" --out "$OUT/probe/random" \
+  "${PROBE_SET[@]}"
 
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
