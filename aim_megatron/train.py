@@ -46,15 +46,16 @@ class DataError(RuntimeError):
     """A data source that a reading rank could not open; every rank raises it together."""
 
 
-def _agree_on_error(problem: Optional[str]) -> None:
+def _agree_on_error(problem: Optional[str], error: type[Exception] = None) -> None:
     """Share a problem found by any rank with all of them (one collective), so that no rank goes
-    on into training and waits there for a peer that has failed. Raises DataError everywhere."""
+    on into training and waits there for a peer that has failed. Raises ``error`` (default
+    DataError) everywhere."""
     problems: list[Optional[str]] = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
     found = [(rank, text) for rank, text in enumerate(problems) if text]
     if found:
         rank, text = found[0]
-        raise DataError(text if rank == 0 else f"(rank {rank}) {text}")
+        raise (error or DataError)(text if rank == 0 else f"(rank {rank}) {text}")
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
@@ -174,11 +175,16 @@ class Trainer:
         restored = checkpoint.load(path, self.cfg, self.model, self.optimizer, self.scheduler)
         self.step = restored["trainer"]["step"]
         self.skipped_steps = restored["trainer"]["skipped_steps"]
+        problem = None
         if self.train_loader is not None:
-            if restored["data"] is not None:
-                self.train_loader.load_state_dict(restored["data"])
-            else:  # another layout: continue at the right sample positions, streams restart
-                self.train_loader.seek(self.step * self.n_micro)
+            try:  # only data-reading ranks get here: all must learn of a refusal (no hang)
+                if restored["data"] is not None:
+                    self.train_loader.load_state_dict(restored["data"])
+                else:  # another layout: continue at the right sample positions, streams restart
+                    self.train_loader.seek(self.step * self.n_micro)
+            except ValueError as exc:
+                problem = f"{path}: {cli.one_line(exc)}"
+        _agree_on_error(problem, checkpoint.CheckpointError)
         self._log_line(f"resumed from {path} at step {self.step}")
         return True
 

@@ -332,6 +332,7 @@ def test_bad_checkpoints(trained, work, capsys):
         (["--resume", work], "is not a complete aim-megatron checkpoint"),
         (["model.hidden_size=64"], "model.hidden_size: checkpoint 32, config 64"),
         (["train.global_batch_size=16"], "train.global_batch_size"),
+        (["train.micro_batch_size=4"], "micro_batch_size: saved 2, now 4"),   # the data state
     ]
     for extra, text in cases:
         rc, err = pretrain_in_process(capsys, [*BASE, f"train.output_dir={trained}", "train.train_iters=2",

@@ -67,3 +67,36 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("trainer:\n  lr: 1\n")
     with pytest.raises(ConfigError, match="unknown config section"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (["model.num_heads=0"], "model.num_heads=0: must be >= 1"),          # was a ZeroDivisionError
+    (["train.global_batch_size=0"], "train.global_batch_size=0: must be >= 1"),  # ditto, later
+    (["model.patch_size=0"], "model.patch_size=0: must be >= 1"),
+    (["model.image_size=-16"], "model.image_size=-16: must be >= 1"),
+    (["train.lr=.nan"], "train.lr=nan: must be a finite number"),
+    (["train.fp8_recipe=mxfp8"], "train.fp8_recipe='mxfp8': use 'delayed' or 'tensorwise'"),
+    (["data.mean=[0.5, 0.5, 0.5]"], "data.mean and data.std go together"),
+])
+def test_fields_are_checked_before_combinations(overrides, msg, tiny_overrides):
+    cfg = load_config(None, tiny_overrides + overrides)
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(1)
+    assert msg in str(info.value)
+
+
+@pytest.mark.parametrize("content,overrides,msg", [
+    ("train: 5\n", [], "config section 'train' must be a mapping"),  # was "dictionary update sequence"
+    ("- a\n", [], "must hold a mapping of sections"),
+    ("model:\n  a: 1\n b: 2\n", [], "is not valid YAML (line 3, column 2"),
+    ("1: x\n", [], "unknown config section(s) 1"),
+    ("", ["train.lr=[1"], "the value is not valid YAML"),
+    ("", ["model.num_layers=.inf"], "model.num_layers: expected an integer"),
+    ("", ["model.preset=[a]"], "model.preset: expected a string"),
+])
+def test_yaml_shapes_and_values_are_config_errors(content, overrides, msg, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert msg in str(info.value) and "\n" not in str(info.value)
