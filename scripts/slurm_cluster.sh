@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# A real Slurm cluster on this one machine, for testing the sbatch scripts (needs root and the
+# Debian packages slurm-wlm + munge, which scripts/setup.sh installs; nothing is installed here).
+#   scripts/slurm_cluster.sh start [--nodes N]   (re)start munge, slurmctld and N slurmd (n1..nN)
+#   scripts/slurm_cluster.sh stop                stop the daemons this script started
+#   scripts/slurm_cluster.sh status
+# No systemd: the daemons are started by hand. Everything but /etc/slurm/slurm.conf (where the
+# client commands look) lives in AIM_SLURM_STATE (default /var/lib/aim-slurm), wiped on start
+# so an old StateSaveLocation cannot stop slurmctld ("CLUSTER NAME MISMATCH").
+# Partitions: low (default) and high; a job in high preempts (requeues) jobs in low after
+# GraceTime. Requeued jobs wait ~2 min for their BeginTime: `scontrol update jobid=N begintime=now`.
+set -euo pipefail
+
+STATE="${AIM_SLURM_STATE:-/var/lib/aim-slurm}"
+CONF=/etc/slurm/slurm.conf
+GRACE="${AIM_SLURM_GRACE:-30}"     # seconds between preemption's SIGTERM and SIGKILL
+KILL_WAIT="${AIM_SLURM_KILL_WAIT:-30}"
+
+die() { echo "slurm_cluster.sh: $*" >&2; exit 1; }
+
+stop_pidfile() {  # stop the daemon whose pid is in $1, if it is still running
+  local pid
+  [ -f "$1" ] || return 0
+  pid="$(cat "$1")"
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$1"
+}
+
+stop() {
+  local f
+  for f in "$STATE"/slurmd.*.pid "$STATE/slurmctld.pid"; do stop_pidfile "$f"; done
+  stop_pidfile "$STATE/munged.pid"
+}
+
+start_munge() {
+  if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return 0; fi
+  [ -s /etc/munge/munge.key ] || die "/etc/munge/munge.key missing (apt-get install munge)"
+  mkdir -p /run/munge /var/log/munge /var/lib/munge
+  chown munge:munge /run/munge /var/log/munge /var/lib/munge
+  rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
+  runuser -u munge -- /usr/sbin/munged
+  for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
+  munge -n | unmunge >/dev/null || die "munged did not start (see /var/log/munge/munged.log)"
+  cp /run/munge/munged.pid "$STATE/munged.pid" 2>/dev/null || true
+}
+
+write_conf() {
+  local nodes="$1" host cpus mem k names=""
+  host="$(hostname -s)"
+  cpus="$(nproc)"
+  mem="$(awk '/MemTotal/ {print int($2 / 1024 * 0.9 / '"$nodes"')}' /proc/meminfo)"
+  mkdir -p /etc/slurm
+  {
+    echo "# written by scripts/slurm_cluster.sh; state in $STATE"
+    echo "ClusterName=aimlocal"
+    echo "SlurmctldHost=$host(127.0.0.1)"
+    echo "SlurmUser=root"
+    echo "AuthType=auth/munge"
+    echo "CredType=cred/munge"
+    echo "ProctrackType=proctrack/linuxproc"
+    echo "TaskPlugin=task/none"
+    echo "SelectType=select/cons_tres"
+    echo "SelectTypeParameters=CR_Core"
+    echo "AccountingStorageType=accounting_storage/none"
+    echo "JobAcctGatherType=jobacct_gather/none"
+    echo "JobCompType=jobcomp/none"
+    echo "ReturnToService=2"
+    echo "MpiDefault=none"
+    echo "MailProg=/bin/true"
+    echo "SlurmdParameters=config_overrides"   # every node declares all CPUs of the one host
+    echo "SchedulerParameters=sched_interval=2,bf_interval=2"
+    echo "MinJobAge=600"
+    echo "KillWait=$KILL_WAIT"
+    echo "PreemptType=preempt/partition_prio"
+    echo "PreemptMode=REQUEUE"
+    echo "StateSaveLocation=$STATE/ctld"
+    echo "SlurmctldPidFile=$STATE/slurmctld.pid"
+    echo "SlurmctldLogFile=$STATE/slurmctld.log"
+    echo "SlurmdSpoolDir=$STATE/slurmd.%n"
+    echo "SlurmdPidFile=$STATE/slurmd.%n.pid"
+    echo "SlurmdLogFile=$STATE/slurmd.%n.log"
+    for k in $(seq "$nodes"); do
+      echo "NodeName=n$k NodeHostname=$host NodeAddr=127.0.0.1 Port=$((6820 + k)) CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+      names="${names:+$names,}n$k"
+    done
+    echo "PartitionName=low Nodes=$names Default=YES PriorityTier=1 GraceTime=$GRACE MaxTime=INFINITE State=UP OverSubscribe=NO"
+    echo "PartitionName=high Nodes=$names PriorityTier=10 MaxTime=INFINITE State=UP OverSubscribe=NO"
+  } > "$CONF"
+}
+
+start() {
+  local nodes=1 k
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --nodes) nodes="${2:?--nodes N}"; shift 2 ;;
+      --nodes=*) nodes="${1#*=}"; shift ;;
+      *) die "unknown argument $1" ;;
+    esac
+  done
+  [ "$(id -u)" -eq 0 ] || die "needs root (daemons, /etc/slurm)"
+  if [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/munged ]; then
+    die "slurm-wlm/munge not installed: run scripts/setup.sh"
+  fi
+  stop
+  rm -rf "$STATE"
+  mkdir -p "$STATE/ctld"
+  for k in $(seq "$nodes"); do
+    mkdir -p "$STATE/slurmd.n$k"
+    # Scripts use node names as MASTER_ADDR.
+    grep -qE "^127\.0\.0\.1[[:space:]].*[[:space:]]n$k([[:space:]]|$)" /etc/hosts || echo "127.0.0.1 n$k" >> /etc/hosts
+  done
+  start_munge
+  write_conf "$nodes"
+  /usr/sbin/slurmctld
+  for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
+  scontrol ping | grep -q UP || die "slurmctld did not start: $(tail -5 "$STATE/slurmctld.log")"
+  for k in $(seq "$nodes"); do /usr/sbin/slurmd -N "n$k"; done
+  for _ in $(seq 150); do
+    [ "$(sinfo -h -p low -t idle -o '%D' 2>/dev/null || true)" = "$nodes" ] && break
+    sleep 0.2
+  done
+  [ "$(sinfo -h -p low -t idle -o '%D')" = "$nodes" ] \
+    || die "nodes not idle: $(sinfo -N 2>&1); see $STATE/slurmd.n1.log"
+  echo "slurm_cluster.sh: $nodes node(s) up (partitions low, high); state in $STATE"
+}
+
+case "${1:-}" in
+  start) shift; start "$@" ;;
+  stop) stop; echo "slurm_cluster.sh: stopped" ;;
+  status) scontrol ping; sinfo ;;
+  *) echo "usage: $0 start [--nodes N] | stop | status" >&2; exit 2 ;;
+esac
