@@ -2,7 +2,7 @@
 
     images [b, C, H, W] --patch embed + LN + 2D sin-cos--> [s, b, D]      (pre_process stage)
         --> TransformerBlock (prefix-causal self-attention, GELU MLP)       (every stage)
-        --> post-trunk LN --> prediction head (residual MLPs)               (post_process stage)
+        --> post-trunk LN --> prediction head (identity-attention blocks)   (post_process stage)
         --> per-patch normalized-pixel MSE against the *next* patch
 
 Hidden states use megatron's [sequence, batch, hidden] layout. The trunk and the head are built
@@ -23,7 +23,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -93,8 +93,21 @@ TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                  "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
+class IdentityAttention(torch.nn.Module):
+    """The head's "attention": returns its (normalized) input as megatron's (output, bias) pair,
+    so the layer's attention residual computes x + LN_1(x), as ml-l3m's head blocks do
+    (a standard block built with attn_target=GenericIdentity)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def forward(self, x, *args, **kwargs):
+        return x, None
+
+
 def layer_spec(backend: str, with_attention: bool = True, attention_kernel: str = "auto") -> ModuleSpec:
-    """A pre-norm transformer layer. Without attention it is the head's residual MLP block.
+    """A pre-norm transformer layer. Without attention it is the head's block:
+    x = x + LN_1(x); x = x + MLP(LN_2(x)) (ml-l3m SimpleDecoder with identity attention).
 
     Both backends share the core attention: per-sample prefix-causal attention has no fused
     Transformer Engine mask type, and aim_megatron.attention runs it through flash/flex kernels."""
@@ -109,7 +122,9 @@ def layer_spec(backend: str, with_attention: bool = True, attention_kernel: str 
         fc1, fc2 = ColumnParallelLinear, RowParallelLinear
         keys_map = dict(TE_NORM_KEYS) if with_attention else {
             "pre_mlp_layernorm.": TE_NORM_KEYS["pre_mlp_layernorm."]}
-    attention = IdentityOp
+    # The head has no qkv linear to fuse LN_1 into: its LN_1 is a plain norm under either backend
+    # and keeps the name input_layernorm.* in checkpoints.
+    attention, input_norm = IdentityAttention, AimLayerNorm
     if with_attention:
         attention = ModuleSpec(
             module=SelfAttention,
@@ -119,12 +134,13 @@ def layer_spec(backend: str, with_attention: bool = True, attention_kernel: str 
                 core_attention=ModuleSpec(module=PrefixCausalAttention,
                                           params={"kernel": attention_kernel}),
                 q_layernorm=IdentityOp, k_layernorm=IdentityOp))
+        input_norm = norm
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm if with_attention else IdentityOp,
+            input_layernorm=input_norm,
             self_attention=attention,
-            self_attn_bda=get_bias_dropout_add if with_attention else IdentityFuncOp,
+            self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
             mlp_bda=get_bias_dropout_add,
@@ -269,10 +285,11 @@ class PatchEmbed(torch.nn.Module):
 
 
 class PredictionHead(MegatronModule):
-    """Linear(D -> Dh) + fixed positions, residual MLP blocks, LN, Linear(Dh -> patch_dim).
+    """Linear(D -> Dh) + fixed positions, blocks, LN, Linear(Dh -> patch_dim).
 
-    The blocks are megatron TransformerLayers whose attention is the identity, so tensor and
-    sequence parallelism apply to them as to the trunk.
+    The blocks are megatron TransformerLayers whose attention is the identity (each computes
+    x = x + LN_1(x), then x = x + MLP(LN_2(x)), as ml-l3m), so tensor and sequence parallelism
+    apply to them as to the trunk.
     """
 
     def __init__(self, m: ModelConfig, config: TransformerConfig, backend: str):

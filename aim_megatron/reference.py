@@ -89,14 +89,18 @@ class Trunk(nn.Module):
 
 
 class HeadBlock(nn.Module):
+    """ml-l3m's head block: a pre-norm block whose attention is the identity, so the attention
+    residual adds LN_1(x) itself."""
+
     def __init__(self, m: ModelConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(m.head_hidden_size, eps=m.layernorm_eps)
-        self.fc1 = nn.Linear(m.head_hidden_size, m.head_ffn_hidden_size, bias=False)
-        self.fc2 = nn.Linear(m.head_ffn_hidden_size, m.head_hidden_size, bias=False)
+        self.norm_1 = nn.LayerNorm(m.head_hidden_size, eps=m.layernorm_eps)
+        self.norm_2 = nn.LayerNorm(m.head_hidden_size, eps=m.layernorm_eps)
+        self.mlp = Mlp(m.head_hidden_size, m.head_ffn_hidden_size)
 
     def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        x = x + self.norm_1(x)
+        return x + self.mlp(self.norm_2(x))
 
 
 class PredictionHead(nn.Module):
@@ -178,10 +182,12 @@ def _name_pairs(m: ModelConfig) -> list[tuple[str, str]]:
     for i in range(m.head_num_layers):
         a, b = f"head.blocks.{i}.", f"head.blocks.{i}."
         pairs += [
-            (a + "pre_mlp_layernorm.weight", b + "norm.weight"),
-            (a + "pre_mlp_layernorm.bias", b + "norm.bias"),
-            (a + "mlp.linear_fc1.weight", b + "fc1.weight"),
-            (a + "mlp.linear_fc2.weight", b + "fc2.weight"),
+            (a + "input_layernorm.weight", b + "norm_1.weight"),
+            (a + "input_layernorm.bias", b + "norm_1.bias"),
+            (a + "pre_mlp_layernorm.weight", b + "norm_2.weight"),
+            (a + "pre_mlp_layernorm.bias", b + "norm_2.bias"),
+            (a + "mlp.linear_fc1.weight", b + "mlp.fc1.weight"),
+            (a + "mlp.linear_fc2.weight", b + "mlp.fc2.weight"),
         ]
     return pairs
 

@@ -7,7 +7,7 @@ Parameters (AIM v1, no biases in blocks):
     trunk block   4h^2 (qkv + proj) + 2hf (fc1, fc2) + 4h (two LayerNorms)   = 12h^2 + 4h at f = 4h
     patch embed   P*h + h (conv as a linear over the P = p*p*C patch values) + 2h (LN)
     trunk         L * block + patch embed + 2h (post-trunk LN)
-    head          h*H + H (in_proj) + n * (2H + 2HF) + 2H (LN) + H*P + P (out_proj)
+    head          h*H + H (in_proj) + n * (4H + 2HF) + 2H (LN) + H*P + P (out_proj)
 
 Memory per GPU follows Megatron's accounting:
   * model states, bytes per parameter (Megatron-LM docs/distrib_optimizer.md):
@@ -63,7 +63,8 @@ def trunk_params(m: ModelConfig) -> int:
 
 
 def head_block_params(m: ModelConfig) -> int:
-    return 2 * m.head_hidden_size + 2 * m.head_hidden_size * m.head_ffn_hidden_size
+    # two LayerNorms (LN_1 of the identity attention, LN_2 before the MLP) and the MLP
+    return 4 * m.head_hidden_size + 2 * m.head_hidden_size * m.head_ffn_hidden_size
 
 
 def head_params(m: ModelConfig) -> int:
@@ -193,7 +194,7 @@ def stage_params(m: ModelConfig, tp: int, layers: int, first: bool, last: bool) 
         hh, ff = m.head_hidden_size, m.head_ffn_hidden_size
         n += 2 * h  # post-trunk LN
         n += m.hidden_size * hh + hh + hh * m.patch_dim + m.patch_dim + 2 * hh
-        n += m.head_num_layers * (2 * hh + 2 * hh * ff // tp)
+        n += m.head_num_layers * (4 * hh + 2 * hh * ff // tp)
     return n
 
 

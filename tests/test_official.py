@@ -1,0 +1,72 @@
+"""Fidelity to Apple's official AIM v1 code (apple/ml-aim, apple/ml-l3m).
+
+The "official" side of every test here is written out in the test from what the official code
+does (docs/fidelity.md, /work/shared/FACTS.md section 1): plain torch ops, key names, shapes and
+statistics; never our own modules."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from aim_megatron import parallel
+from aim_megatron.config import load_config
+from conftest import TINY
+
+
+def build(overrides=()):
+    cfg = load_config(None, [*TINY, "train.micro_batch_size=2", "train.global_batch_size=2", *overrides])
+    parallel.initialize(cfg)
+    (model,) = parallel.build_model(cfg, wrap_ddp=False)
+    return cfg, model
+
+
+def official_head_block(x, ln1_w, ln1_b, ln2_w, ln2_b, fc1, fc2, eps):
+    """ml-l3m SimpleDecoder block: l3m.model.trunks.transformer.Block with
+    attn_target=GenericIdentity and use_bias=False:
+        x = x + attn(norm_1(x))   (attn = identity)
+        x = x + mlp(norm_2(x))    (mlp = fc2(GELU(fc1(.))), no biases)"""
+    d = x.shape[-1]
+    x = x + F.layer_norm(x, (d,), ln1_w, ln1_b, eps)
+    return x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,), ln2_w, ln2_b, eps), fc1)), fc2)
+
+
+def test_head_block_is_the_official_identity_attention_block(one_thread):
+    cfg, model = build()
+    torch.manual_seed(0)
+    block = model.head.blocks[0]
+    with torch.no_grad():  # non-trivial norms so LN_1's affine parameters matter
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(cfg.model.num_patches, 2, cfg.model.head_hidden_size)  # [s, b, h]
+    ours, _ = block(x, attention_mask=None)
+    sd = dict(block.named_parameters())
+    theirs = official_head_block(
+        x, sd["input_layernorm.weight"], sd["input_layernorm.bias"],
+        sd["pre_mlp_layernorm.weight"], sd["pre_mlp_layernorm.bias"],
+        sd["mlp.linear_fc1.weight"], sd["mlp.linear_fc2.weight"], cfg.model.layernorm_eps)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    # Each block holds exactly the official block's tensors (two LNs, fc1, fc2; no biases).
+    hh, ff = cfg.model.head_hidden_size, cfg.model.head_ffn_hidden_size
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {
+        "input_layernorm.weight": (hh,), "input_layernorm.bias": (hh,),
+        "pre_mlp_layernorm.weight": (hh,), "pre_mlp_layernorm.bias": (hh,),
+        "mlp.linear_fc1.weight": (ff, hh), "mlp.linear_fc2.weight": (hh, ff)}
+
+
+def test_reference_head_block_is_the_official_block(one_thread):
+    from aim_megatron.reference import HeadBlock
+    cfg = load_config(None, TINY)
+    torch.manual_seed(0)
+    blk = HeadBlock(cfg.model)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, cfg.model.num_patches, cfg.model.head_hidden_size)
+    sd = dict(blk.named_parameters())
+    # ml-l3m names inside a decoder block: norm_1, norm_2, mlp.fc1, mlp.fc2
+    assert set(sd) == {"norm_1.weight", "norm_1.bias", "norm_2.weight", "norm_2.bias",
+                       "mlp.fc1.weight", "mlp.fc2.weight"}
+    theirs = official_head_block(x, sd["norm_1.weight"], sd["norm_1.bias"], sd["norm_2.weight"],
+                                 sd["norm_2.bias"], sd["mlp.fc1.weight"], sd["mlp.fc2.weight"],
+                                 cfg.model.layernorm_eps)
+    torch.testing.assert_close(blk(x), theirs, rtol=1e-5, atol=1e-6)
