@@ -17,9 +17,34 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional
+
+# Stop requests (SIGTERM/SIGUSR1) only set this; the loop acts on it between steps. A request that
+# arrives during start-up or resume is kept and acted on before the first step, and a repeated
+# SIGTERM during the checkpoint write (torchrun forwards the one Slurm already sent) cannot cut it.
+_stop_signal = 0
+
+
+def _record_stop(signum, _frame) -> None:
+    global _stop_signal
+    _stop_signal = signum
+
+
+def install_signal_handlers() -> dict:
+    """Record SIGTERM/SIGUSR1 instead of dying; returns the previous handlers (to restore)."""
+    global _stop_signal
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    if signal.getsignal(signal.SIGTERM) is not _record_stop:
+        _stop_signal = 0  # keep one recorded since the module-level install (python -m)
+    return {sig: signal.signal(sig, _record_stop) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+if __name__ == "__main__":  # python -m aim_megatron.train: before the seconds of torch imports
+    install_signal_handlers()
 
 import torch
 import torch.distributed as dist
@@ -46,7 +71,7 @@ class DataError(RuntimeError):
     """A data source that a reading rank could not open; every rank raises it together."""
 
 
-def _agree_on_error(problem: Optional[str], error: type[Exception] = None) -> None:
+def _agree_on_error(problem: Optional[str], error: Optional[type[Exception]] = None) -> None:
     """Share a problem found by any rank with all of them (one collective), so that no rank goes
     on into training and waits there for a peer that has failed. Raises ``error`` (default
     DataError) everywhere."""
@@ -125,6 +150,7 @@ class Trainer:
         self.skipped_steps = 0
         self.bad_in_row = 0
         self.stop_signal = 0
+        self._saved_step = None  # step of the checkpoint on disk, if this process saved/loaded it
         self.is_logger = dist.get_rank() == 0
         self.writer = None
         self.flops_per_image = train_flops_per_image(cfg.model)
@@ -163,6 +189,7 @@ class Trainer:
         data_state = self.train_loader.state_dict() if self.train_loader is not None else None
         path = checkpoint.save(self.ckpt_root, self.step, self.cfg, self.model, self.optimizer,
                                self.scheduler, state, data_state, keep_last=self.cfg.train.keep_last)
+        self._saved_step = self.step
         self._log_line(f"saved checkpoint {path}")
         return path
 
@@ -185,6 +212,7 @@ class Trainer:
             except ValueError as exc:
                 problem = f"{path}: {cli.one_line(exc)}"
         _agree_on_error(problem, checkpoint.CheckpointError)
+        self._saved_step = self.step
         self._log_line(f"resumed from {path} at step {self.step}")
         return True
 
@@ -237,21 +265,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            self.stop_signal = signum
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
     def _stop_requested(self) -> bool:
+        if not self.stop_signal:
+            self.stop_signal = _stop_signal
+            # The sbatch scripts create AIM_STOP_FILE on the batch shell's time-limit signal:
+            # a signal to the job step would kill torchrun, which does not handle SIGUSR1.
+            stop_file = os.environ.get("AIM_STOP_FILE")
+            if not self.stop_signal and stop_file and os.path.exists(stop_file):
+                self.stop_signal = int(signal.SIGUSR1)
         flag = torch.tensor([self.stop_signal], dtype=torch.int32, device=cpu_shims.device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # any rank signalled -> all stop together
         return bool(flag.item())
 
+    def _checkpoint_for_requeue(self) -> int:
+        """Save (unless the latest checkpoint is this step's), then leave the marker the sbatch
+        scripts requeue on: torchrun's and srun's exit codes after a signal say nothing."""
+        self._log_line(f"signal {self.stop_signal or 'from a peer'} received: checkpointing "
+                       f"at step {self.step} and exiting for requeue")
+        if self._saved_step != self.step:
+            self.save()
+        stop_file = os.environ.get("AIM_STOP_FILE")
+        if stop_file:
+            Path(stop_file).unlink(missing_ok=True)
+        if self.is_logger:
+            marker = Path(os.environ.get("AIM_REQUEUE_MARKER") or self.out_dir / "requeue.json")
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"step": self.step, "signal": self.stop_signal,
+                                          "time": time.time()}) + "\n")
+        return EXIT_REQUEUE
+
     def run(self) -> int:
         t = self.cfg.train
-        self._install_signal_handlers()
         self._open_logs()
+        if self._stop_requested():  # signalled during start-up or resume
+            return self._checkpoint_for_requeue()
         progress = self._progress()
         window: list[dict] = []
         window_start = time.perf_counter()
@@ -267,10 +314,7 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.train_iters:
                 self._log_eval(self.evaluate())
             if self._stop_requested():
-                self._log_line(f"signal {self.stop_signal or 'from a peer'} received: checkpointing "
-                               f"at step {self.step} and exiting for requeue")
-                self.save()
-                return EXIT_REQUEUE
+                return self._checkpoint_for_requeue()
             if t.exit_after_steps and self.step - first_step >= t.exit_after_steps \
                     and self.step < t.train_iters:
                 self._log_line(f"train.exit_after_steps reached at step {self.step}: checkpointing")
@@ -480,6 +524,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    previous_handlers = install_signal_handlers()  # first: a signal at start-up is not lost
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
