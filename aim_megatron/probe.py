@@ -205,8 +205,8 @@ class TokenBatchNorm(nn.BatchNorm1d):
 
 class AttentiveProbe(nn.Module):
     """The AIM attentive probe: BN on tokens, one learned query attending to k/v projections of
-    the tokens per head (no q or output projection), then a linear classifier. Parameter names
-    follow the released ``head.*`` keys."""
+    the tokens per head (no q or output projection), then a linear classifier without bias.
+    Parameter names follow the released ``head.*`` keys."""
 
     def __init__(self, dim: int, num_heads: int, num_classes: int, seed: int = 0):
         super().__init__()
@@ -218,7 +218,9 @@ class AttentiveProbe(nn.Module):
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim, generator=g))
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
-        self.linear = nn.Linear(dim, num_classes)
+        # No bias: the official AttentionPoolingClassifier has linear_bias=False, and released
+        # head.* weights (cls_token, k, v, linear.weight, bn buffers) load strictly.
+        self.linear = nn.Linear(dim, num_classes, bias=False)
         _init_linears(self, g)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -450,7 +452,8 @@ def open_labelled(spec: str, split: str, cfg, max_samples: Optional[int] = None,
     else:
         from .data import resolve_source
         try:
-            source = resolve_source(spec)
+            # The probe's sources come from options, not from data.train_sources.
+            source = resolve_source(spec, f"the probe's {split} data (--data or --{split}-data)")
         except ValueError as exc:
             raise FileNotFoundError(str(exc)) from None
         if not source.has_labels:
@@ -537,6 +540,9 @@ def load_probe(path: str | Path) -> tuple[nn.Module, dict]:
     m = record["model"]
     heads = record.get("probe_config", {}).get("num_heads") or m["num_heads"]
     probe = build_probe(record["kind"], m["hidden_size"], heads, record["num_classes"])
+    if record["kind"] == "attentive" and "linear.bias" in record["state_dict"]:
+        raise ValueError(f"{path} is an attentive probe with a classifier bias, saved before the "
+                         "probe matched the official one (no bias); train it again with aim-probe")
     probe.load_state_dict(record["state_dict"])
     return probe.eval(), record
 

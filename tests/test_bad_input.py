@@ -412,6 +412,8 @@ def test_probe_arguments(trained, work, capsys):
         (["--checkpoint", trained, "--config", work / "probe2.yaml"], "one mapping named 'probe'"),
         (["--checkpoint", trained, "probe.epochs=[1"], "not valid YAML"),
         (["--checkpoint", trained, "--train-data", work], "--test-data"),
+        (["--checkpoint", trained, "--train-data", work / "nope", "--test-data", work / "nope"],
+         "the probe's train data (--data or --train-data): data source"),
         (["--checkpoint", trained, "--train-samples", "0"], "--train-samples"),
         (["--checkpoint", trained, "--epochs", "3"], "--epochs"),
     ]
