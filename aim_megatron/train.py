@@ -83,12 +83,17 @@ def _agree_on_error(problem: Optional[str], error: Optional[type[Exception]] = N
         raise (error or DataError)(text if rank == 0 else f"(rank {rank}) {text}")
 
 
+# ml-l3m starts its warmup at 1e-6, not 0: the first step already moves the weights.
+WARMUP_START_LR = 1e-6
+
+
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
-    """Linear warmup over the first warmup_fraction of training, then cosine to min_lr."""
+    """Linear warmup from WARMUP_START_LR over the first warmup_fraction of training, then cosine
+    to min_lr (ml-l3m's aim_v1 schedule: LinearParamScheduler(1e-6 -> lr), then cosine)."""
     t = cfg.train
     warmup = int(round(t.warmup_fraction * t.train_iters))
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.effective_lr, min_lr=t.min_lr,
+        optimizer, init_lr=min(WARMUP_START_LR, t.effective_lr), max_lr=t.effective_lr, min_lr=t.min_lr,
         lr_warmup_steps=warmup, lr_decay_steps=t.train_iters, lr_decay_style="cosine",
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_iters,
         wd_incr_style="constant")
