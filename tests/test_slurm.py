@@ -131,15 +131,21 @@ if [ "$1" = show ]; then seq -f "node%03g" 1 5000; else echo "scontrol $*" >> "$
 FAKE_PYTHON = """#!/bin/bash
 if [ "$1" = tools/slurm_layout.py ]; then exec "$REAL_PYTHON" "$@"; fi
 echo "trainer $*" >> "$FAKE_LOG"
-env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_DEVICE_MAX_CONNECTIONS)=' \
+env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_DEVICE_MAX_CONNECTIONS|OMP_NUM_THREADS)=' \
   | sort >> "$FAKE_LOG"
 case "$FAKE_MODE" in
   exit0) exit 0 ;;
   exit3) exit 3 ;;
   fail) exit 1 ;;
+  marker1) echo '{"step": 7}' > "$AIM_REQUEUE_MARKER"; exit 1 ;;
   wait) trap 'echo "trainer got TERM" >> "$FAKE_LOG"; exit 3' TERM
         touch "$FAKE_LOG.started"
-        while true; do sleep 0.05; done ;;
+        # as the trainer: checkpoint when the stop file appears, leave the marker; exit as
+        # torchrun does after its workers stopped on a signal
+        while [ ! -f "$AIM_STOP_FILE" ]; do sleep 0.05; done
+        echo "trainer saw the stop file" >> "$FAKE_LOG"
+        echo '{"step": 5}' > "$AIM_REQUEUE_MARKER"
+        exit 1 ;;
 esac
 """
 
@@ -168,7 +174,8 @@ def run_sbatch(script, env, mode, *args):
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("mode,rc,requeued", [("exit0", 0, False), ("exit3", 0, True), ("fail", 1, False)])
+@pytest.mark.parametrize("mode,rc,requeued", [("exit0", 0, False), ("exit3", 0, True), ("fail", 1, False),
+                                               ("marker1", 0, True)])
 def test_sbatch_requeues_only_when_trainer_exits_3(fake_slurm, mode, rc, requeued):
     env, log = fake_slurm
     r = run_sbatch("multi_node_srun.sbatch", env, mode, "train.log_interval=5")
@@ -208,8 +215,34 @@ def test_sbatch_usr1_checkpoints_and_requeues(fake_slurm):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     text = log.read_text()
-    assert "trainer got TERM" in text and "scontrol requeue 4242" in text
+    # No SIGTERM to the step (srun would SIGKILL it): the stop file asks for the checkpoint, and
+    # the marker requeues although the step exited 1.
+    assert "trainer got TERM" not in text and "trainer saw the stop file" in text
+    assert "scontrol requeue 4242" in text
     assert "got SIGUSR1: asking the trainer to checkpoint" in out
+
+
+@pytest.mark.parametrize("extra,workers,threads", [
+    ({}, "1", "16"),                                     # CPU node: one worker, all its CPUs
+    ({"SLURM_GPUS_ON_NODE": "4"}, "4", "4"),
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, "2", "8"),
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "3"}, "4", "3"),
+])
+def test_sbatch_workers_and_threads_follow_the_allocation(fake_slurm, extra, workers, threads):
+    env, log = fake_slurm
+    env = {k: v for k, v in env.items() if k not in ("AIM_GPUS_PER_NODE", "OMP_NUM_THREADS",
+                                                      "CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE")}
+    r = run_sbatch("single_node.sbatch", {**env, **extra, "AIM_PREFLIGHT": "0"}, "exit0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = log.read_text()
+    assert f"--nproc_per_node={workers} " in text and f"OMP_NUM_THREADS={threads}" in text.splitlines()
+
+
+def test_sbatch_scripts_request_no_gpus():
+    """A gres line makes every submission fail on CPU partitions; GPUs are asked for at sbatch time."""
+    for script in SLURM_DIR.glob("*.sbatch"):
+        assert "--gpus" not in "".join(ln for ln in script.read_text().splitlines(True)
+                                       if ln.startswith("#SBATCH"))
 
 
 def test_sbatch_preflight_stops_a_bad_layout(fake_slurm):

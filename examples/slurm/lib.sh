@@ -1,11 +1,28 @@
 # shellcheck shell=bash
 # Shared by the sbatch scripts of this directory (sourced, not run). Provides:
 #   aim_setup CONFIG [overrides]   environment, paths, argument list, layout preflight
-#   aim_run_requeueable CMD...     run the training step; checkpoint + requeue on USR1/TERM
+#   aim_run_requeueable CMD...     run the training step; checkpoint + requeue on signals
 # Knobs (export before sbatch): AIM_REPO (default: the submit dir), AIM_OUTPUT_DIR (default
 # runs/$SLURM_JOB_NAME: resubmitting under the same job name resumes), AIM_PYTHON (python),
-# AIM_GPUS_PER_NODE (8), AIM_SRUN_ARGS (extra srun flags, e.g. pyxis --container-image=...),
-# AIM_PREFLIGHT (1: check the layout with tools/slurm_layout.py before starting).
+# AIM_GPUS_PER_NODE (workers per node; default: the GPUs Slurm allocated, else 1 CPU worker),
+# AIM_SRUN_ARGS (extra srun flags, e.g. pyxis --container-image=...), AIM_PREFLIGHT (1: check the
+# layout with tools/slurm_layout.py before starting).
+# GPUs are requested at submission (sbatch --gpus-per-node=8 ...), so the scripts also run on
+# CPU-only partitions, where any gres request is refused.
+
+aim_workers_per_node() {
+  local visible="${CUDA_VISIBLE_DEVICES:-}"
+  if [ -n "${AIM_GPUS_PER_NODE:-}" ]; then
+    echo "$AIM_GPUS_PER_NODE"
+  elif [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ] 2>/dev/null; then
+    echo "$SLURM_GPUS_ON_NODE"
+  elif [ -n "$visible" ] && [ "$visible" != "NoDevFiles" ]; then
+    local commas="${visible//[^,]/}"
+    echo "$(( ${#commas} + 1 ))"
+  else
+    echo 1
+  fi
+}
 
 aim_env() {
   # Megatron overlaps TP/SP communication with compute only when kernels reach the GPU in issue
@@ -17,10 +34,12 @@ aim_env() {
   export TORCH_NCCL_AVOID_RECORD_STREAMS="${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}"
   export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
   # Fabric selection (NCCL_IB_HCA, NCCL_SOCKET_IFNAME, ...) is site-specific: set it outside.
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+  # One thread per allocated CPU of a worker: a fixed count oversubscribes small allocations.
+  local cpus="${SLURM_CPUS_PER_TASK:-$(( ${SLURM_CPUS_ON_NODE:-1} / AIM_GPUS_PER_NODE ))}"
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cpus > 0 ? cpus : 1 ))}"
   export PYTHONUNBUFFERED=1
-  # torchrun kills workers 30 s after forwarding SIGTERM; releases with --shutdown-timeout
-  # (2026+) read this instead, leaving time for a checkpoint within --signal's 120 s.
+  # torchrun SIGKILLs its workers this many seconds after forwarding a SIGTERM (default 30;
+  # torch >= 2.10 reads it), so a checkpoint gets the time of the partition's GraceTime.
   export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}"
   # First host of the allocation; no "| head" since with pipefail its SIGPIPE would fail the job.
   local hosts
@@ -38,8 +57,13 @@ aim_setup() {
   AIM_CONFIG="$1"
   shift
   AIM_PYTHON="${AIM_PYTHON:-python}"
-  AIM_GPUS_PER_NODE="${AIM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}"
+  AIM_GPUS_PER_NODE="$(aim_workers_per_node)"
   AIM_OUTPUT_DIR="${AIM_OUTPUT_DIR:-runs/$SLURM_JOB_NAME}"
+  mkdir -p "$AIM_OUTPUT_DIR"
+  # The trainer checkpoints when the stop file appears and writes the marker when it has
+  # checkpointed on a signal; both here whatever train.output_dir says.
+  export AIM_STOP_FILE="${AIM_STOP_FILE:-$AIM_OUTPUT_DIR/stop_request}"
+  export AIM_REQUEUE_MARKER="${AIM_REQUEUE_MARKER:-$AIM_OUTPUT_DIR/requeue.json}"
   # The output directory first, so an explicit train.output_dir=... on the command line wins.
   AIM_ARGS=("train.output_dir=$AIM_OUTPUT_DIR" "$@")
   read -r -a AIM_SRUN_EXTRA <<< "${AIM_SRUN_ARGS:-}"
@@ -54,19 +78,26 @@ aim_setup() {
 }
 
 _aim_on_signal() {
-  echo "$(date -Is) got SIG$1: asking the trainer to checkpoint (SIGTERM to the job step)"
-  AIM_SIGNALLED=1
-  kill -s TERM "$AIM_CHILD" 2>/dev/null || true
+  if [ "$1" = USR1 ]; then
+    # The time-limit warning (--signal=B:USR1) reaches only this shell. Signalling the step
+    # would kill torchrun (it does not handle SIGUSR1) and SIGTERM to srun makes it SIGKILL the
+    # step, so ask through the stop file that every trainer checks after each step.
+    echo "$(date -Is) got SIGUSR1: asking the trainer to checkpoint ($AIM_STOP_FILE)"
+    touch "$AIM_STOP_FILE"
+  else
+    # Preemption, scancel and scontrol requeue signal the job steps themselves.
+    echo "$(date -Is) got SIG$1: the job step got it too; waiting for its checkpoint"
+  fi
 }
 
 aim_run_requeueable() {
   # Run in the background so the traps fire while waiting (bash defers traps during a
-  # foreground command). srun forwards SIGTERM to every task; the trainer checkpoints and exits 3.
-  AIM_SIGNALLED=0
-  "$@" &
-  AIM_CHILD=$!
+  # foreground command).
+  rm -f "$AIM_STOP_FILE" "$AIM_REQUEUE_MARKER"
   trap '_aim_on_signal USR1' USR1
   trap '_aim_on_signal TERM' TERM
+  "$@" &
+  AIM_CHILD=$!
   local rc=0
   while true; do
     rc=0
@@ -75,10 +106,12 @@ aim_run_requeueable() {
     kill -0 "$AIM_CHILD" 2>/dev/null || break
   done
   trap - USR1 TERM
-  # Exit code 3 is the trainer's "checkpointed, requeue me". torchrun reports its own code after a
-  # forwarded signal, so a signalled, unfinished step counts as preempted too.
-  if [ "$rc" -eq 3 ] || { [ "$AIM_SIGNALLED" -eq 1 ] && [ "$rc" -ne 0 ]; }; then
-    echo "$(date -Is) step exited $rc after a checkpoint request: requeueing job $SLURM_JOB_ID"
+  rm -f "$AIM_STOP_FILE"
+  # The marker says the trainer checkpointed on a signal (it exits 3, but torchrun and srun
+  # report their own codes after a signal): requeue whatever the step returned.
+  if [ "$rc" -eq 3 ] || [ -f "$AIM_REQUEUE_MARKER" ]; then
+    echo "$(date -Is) step exited $rc after a checkpoint ($(cat "$AIM_REQUEUE_MARKER" 2>/dev/null ||
+      echo no marker)): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" || true
     return 0
   fi
