@@ -204,6 +204,10 @@ def _pct(m: float, s: float) -> str:
     return f"{100 * m:.1f}%" + ("" if math.isnan(s) else f" ± {100 * s:.1f}")
 
 
+def _points(m: float, s: float) -> str:
+    return f"{100 * m:+.1f}" + ("" if math.isnan(s) else f" ± {100 * s:.1f}") + " points"
+
+
 def _loss(m: float, s: float) -> str:
     return f"{m:.4f}" + ("" if math.isnan(s) else f" ± {s:.4f}")
 
@@ -299,7 +303,7 @@ def report(args) -> int:
         lines += ["", "| variant | top-1 | final validation loss (its own objective) |", "|---|---|---|",
                   f"| {pref} | {_pct(*mean_std(a))} | {_loss(*mean_std(la))} |",
                   f"| {other} | {_pct(*mean_std(b))} | {_loss(*mean_std(lb))} |",
-                  "", f"{len(seeds)} paired seed(s); {pref} - {other} = {_pct(*mean_std(diffs))} points: "
+                  "", f"{len(seeds)} paired seed(s); {pref} - {other} = {_points(*mean_std(diffs))}: "
                   f"**{verdict(diffs)}**."]
         if other in ("raw", "causal", "linear_head"):
             lines += ["", "The validation losses are not comparable across these two (another target, "
