@@ -51,7 +51,7 @@ rows = [("attentive probe, pre-trained trunk", trained["top1"]),
 for name, top1 in rows:
     print(f"  {name:<44} {top1:.4f}")
 best = max(pixels["logreg"]["top1"], pixels["knn"]["top1"])
-verdict = "beats" if trained["top1"] > best else "does NOT beat"
+verdict = "beat" if trained["top1"] > best else "do NOT beat"
 print(f"pre-trained features {verdict} the best pixel baseline: {100 * (trained['top1'] - best):+.1f} points")
 print(f"confusion matrix: {out}/probe/trained/confusion.png")
 (out / "probe" / "summary.json").write_text(json.dumps(
