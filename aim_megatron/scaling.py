@@ -353,21 +353,29 @@ def slurm_array_script(sweep_dir: str | Path, repo: str | Path, nodes: Optional[
                        max_parallel: Optional[int] = None, extra: Sequence[str] = ()) -> str:
     """An sbatch job array, one task per run of runs.txt, each delegating to
     examples/slurm/multi_node_torchrun.sbatch (env, preflight, signal forwarding, requeue).
-    Nodes and GPUs default to the sweep's world_size (up to 8 GPUs per node)."""
+    Nodes and GPUs default to the sweep's world_size (up to 8 GPUs per node); gpus_per_node=0
+    means CPU nodes: no GPU request (a CPU partition refuses any) and world_size / nodes CPU
+    workers per node."""
     sweep_dir, repo = Path(sweep_dir).resolve(), Path(repo).resolve()
     manifest = load_manifest(sweep_dir)
     world = int(manifest.get("world_size", 1))
-    gpus_per_node = gpus_per_node or min(world, 8)
-    nodes = nodes or max(1, math.ceil(world / gpus_per_node))
+    cpu = gpus_per_node == 0
+    if cpu:
+        nodes = nodes or 1
+        workers = max(1, math.ceil(world / nodes))
+    else:
+        gpus_per_node = gpus_per_node or min(world, 8)
+        nodes = nodes or max(1, math.ceil(world / gpus_per_node))
+        workers = gpus_per_node
     n = len(manifest["runs"])
     array = f"0-{n - 1}" + (f"%{max_parallel}" if max_parallel else "")
     lines = ["#!/bin/bash",
              f"#SBATCH --job-name=aim-sweep-{manifest['name']}",
              f"#SBATCH --array={array}",
              f"#SBATCH --nodes={nodes}",
-             "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --gpus-per-node={gpus_per_node}",
-             f"#SBATCH --time={time}",
+             "#SBATCH --ntasks-per-node=1"]
+    lines += [] if cpu else [f"#SBATCH --gpus-per-node={gpus_per_node}"]
+    lines += [f"#SBATCH --time={time}",
              "#SBATCH --signal=B:USR1@120",
              "#SBATCH --requeue",
              "#SBATCH --open-mode=append",
@@ -382,7 +390,7 @@ def slurm_array_script(sweep_dir: str | Path, repo: str | Path, nodes: Optional[
               'run_dir=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "$runs")',
               f"export AIM_REPO={shlex.quote(str(repo))}",
               'export AIM_OUTPUT_DIR="$run_dir"',
-              f"export AIM_GPUS_PER_NODE={gpus_per_node}",
+              f"export AIM_GPUS_PER_NODE={workers}",
               'cd "$AIM_REPO"',
               'exec bash examples/slurm/multi_node_torchrun.sbatch "$run_dir/config.yaml"', ""]
     return "\n".join(lines)

@@ -42,6 +42,10 @@ def test_generated_sweep_array_is_shellcheck_clean(tmp_path):
     assert "#SBATCH --array=0-1" in script.read_text() and "#SBATCH --account=proj" in script.read_text()
     r = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+    # --gpus-per-node 0: CPU nodes, where any GPU request fails the submission
+    (tmp_path / S.MANIFEST).write_text(json.dumps({"name": "x", "world_size": 2, "runs": [{"name": "a"}]}))
+    cpu = S.slurm_array_script(tmp_path, ROOT, gpus_per_node=0)
+    assert "--gpus" not in cpu and "#SBATCH --nodes=1" in cpu and "export AIM_GPUS_PER_NODE=2" in cpu
 
 
 def test_dockerfile_structure():

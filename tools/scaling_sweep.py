@@ -184,7 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="--local: print the commands only")
     p.add_argument("--nodes", type=int, help="--slurm: nodes per run (default: from world_size)")
     p.add_argument("--gpus-per-node", type=int,
-                   help="--slurm: default min(world_size, 8) of the sweep spec")
+                   help="--slurm: default min(world_size, 8) of the sweep spec; 0: CPU nodes "
+                        "(no GPU request, world_size / nodes CPU workers per node)")
     p.add_argument("--time", default="04:00:00", help="--slurm: time limit per array task")
     p.add_argument("--partition")
     p.add_argument("--account")
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     for name in ("nproc", "jobs", "nodes", "gpus_per_node", "max_parallel"):
         value = getattr(args, name, None)
-        if value is not None and value < 1:
+        if value is not None and value < (0 if name == "gpus_per_node" else 1):
             ap.error(f"--{name.replace('_', '-')} {value}: must be >= 1")
     if getattr(args, "bootstrap", 0) < 0:
         ap.error(f"--bootstrap {args.bootstrap}: must be >= 0 (0 turns it off)")
