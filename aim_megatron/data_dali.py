@@ -2,7 +2,7 @@
 
 Per sample: read -> completeness check (JPEG/PNG end markers; failing samples are swapped for a
 placeholder in the pipeline and dropped afterwards) -> decode + RandomResizedCrop (fused, bicubic)
--> optional ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 -> horizontal flip -> normalize to CHW float.
+-> optional ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 (random order) -> horizontal flip -> normalize to CHW float.
 On a GPU the decoder is "mixed" (nvJPEG) and the rest runs on the GPU; without CUDA everything runs on
 the CPU with ``device_id=None``. :func:`select_dali_placement` is the one place that decides.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -130,20 +132,45 @@ def _image_pipeline(source: Source, placement: DaliPlacement, cfg: Config, shard
     images = fn.resize(images, size=[m.image_size, m.image_size], interp_type=types.INTERP_CUBIC,
                        antialias=True)
     if d.color_jitter:
-        # ColorJitter(0.4, 0.4, 0.2, 0.1) applied with p=0.8; factor 1 / shift 0 means "not applied".
-        on = fn.cast(fn.random.coin_flip(probability=0.8), dtype=types.FLOAT)
-        brightness = 1.0 + on * (fn.random.uniform(range=[0.6, 1.4]) - 1.0)
-        contrast = 1.0 + on * (fn.random.uniform(range=[0.6, 1.4]) - 1.0)
-        if gray:
-            images = fn.brightness_contrast(images, brightness=brightness, contrast=contrast)
-        else:
-            saturation = 1.0 + on * (fn.random.uniform(range=[0.8, 1.2]) - 1.0)
-            hue = on * fn.random.uniform(range=[-36.0, 36.0])  # 0.1 of the hue circle, in degrees
-            images = fn.color_twist(images, brightness=brightness, contrast=contrast,
-                                    saturation=saturation, hue=hue)
+        images = _color_jitter(images, gray)
     mirror = fn.random.coin_flip(probability=0.5) if d.hflip else 0
     images = fn.crop_mirror_normalize(images, mirror=mirror, **norm)
     return images, label, valid, info
+
+
+def _color_jitter(images, gray: bool):
+    """torchvision ColorJitter(0.4, 0.4, 0.2, 0.1) under RandomApply(p=0.8), as the official recipe: the
+    adjustments (brightness, contrast, saturation, hue; only the first two on greyscale) run in a
+    random order per sample. The order is drawn as a permutation index and looked up per slot;
+    every slot runs each adjustment with an identity factor unless it is that slot's one, since
+    each adjustment clips and so the order changes the result."""
+    on = fn.cast(fn.random.coin_flip(probability=0.8), dtype=types.FLOAT)
+    factor = lambda lo, hi: 1.0 + on * (fn.random.uniform(range=[lo, hi]) - 1.0)
+    brightness, contrast = factor(0.6, 1.4), factor(0.6, 1.4)
+    n_ops = 2 if gray else 4
+    if not gray:
+        saturation = factor(0.8, 1.2)
+        hue = on * fn.random.uniform(range=[-36.0, 36.0])  # 0.1 of the hue circle, in degrees
+    orders = list(itertools.permutations(range(n_ops)))
+    order = fn.random.uniform(values=list(range(len(orders))), dtype=types.INT32)
+    for slot in range(n_ops):
+        op = fn.lookup_table(order, keys=list(range(len(orders))), values=[o[slot] for o in orders],
+                             dtype=types.INT32)
+        pick = [fn.cast(op == i, dtype=types.FLOAT) for i in range(n_ops)]
+        images = fn.brightness(images, brightness=1.0 + pick[0] * (brightness - 1.0))
+        # torchvision blends with the mean of the greyscale image (DALI's contrast centres on 128 and
+        # takes no GPU-side centre), so contrast is written out: grey + c * (x - grey), clipped.
+        x = fn.cast(images, dtype=types.FLOAT)
+        means = fn.reductions.mean(x, axes=[0, 1])
+        grey = means[0] if gray else 0.299 * means[0] + 0.587 * means[1] + 0.114 * means[2]
+        c = 1.0 + pick[1] * (contrast - 1.0)
+        if images.device == "gpu":
+            c = c.gpu()
+        images = fn.cast(dmath.clamp(grey + c * (x - grey), 0.0, 255.0), dtype=types.UINT8)
+        if not gray:
+            images = fn.saturation(images, saturation=1.0 + pick[2] * (saturation - 1.0))
+            images = fn.hue(images, hue=pick[3] * hue)
+    return images
 
 
 class DaliStream(SourceStream):

@@ -49,15 +49,24 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
 
 
 def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), fixed order."""
-    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.6, 1.4))
-    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.6, 1.4))
-    if img.mode == "RGB":
-        img = ImageEnhance.Color(img).enhance(rng.uniform(0.8, 1.2))
-        shift = int(round(rng.uniform(-0.1, 0.1) * 255))
-        h, s, v = img.convert("HSV").split()
-        h = h.point(lambda x: (x + shift) % 256)
-        img = Image.merge("HSV", (h, s, v)).convert("RGB")
+    """torchvision ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1), as the official
+    recipe: a random order of the four adjustments per image (order matters: each one clips to
+    [0, 255]). Brightness blends with black, contrast with the image's grey mean, saturation with
+    its greyscale, hue rotates H in HSV; saturation and hue leave greyscale images as they are."""
+    order = rng.permutation(4)
+    b, c, s, h = rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.8, 1.2), rng.uniform(-0.1, 0.1)
+    for op in order:
+        if op == 0:
+            img = ImageEnhance.Brightness(img).enhance(b)
+        elif op == 1:
+            img = ImageEnhance.Contrast(img).enhance(c)
+        elif img.mode == "RGB" and op == 2:
+            img = ImageEnhance.Color(img).enhance(s)
+        elif img.mode == "RGB" and op == 3:
+            shift = int(h * 255)  # torchvision: np.uint8(hue_factor * 255), truncated, wraps mod 256
+            hh, ss, vv = img.convert("HSV").split()
+            hh = hh.point(lambda x: (x + shift) % 256)
+            img = Image.merge("HSV", (hh, ss, vv)).convert("RGB")
     return img
 
 

@@ -30,3 +30,58 @@ def test_schedule_is_ml_l3m_aim_v1(one_thread):
         assert math.isclose(ours, official_lr(step, total, 1e-3), rel_tol=1e-9, abs_tol=1e-12), step
         sched.step(1)
     assert opt.param_groups[0]["lr"] == 0.0 or opt.param_groups[0]["lr"] < 1e-9
+
+
+class _FixedDraws:
+    """Stands in for the generator: a given order and given factors."""
+
+    def __init__(self, order, factors):
+        self.order, self.factors = list(order), list(factors)
+
+    def permutation(self, n):
+        assert n == 4
+        return self.order
+
+    def uniform(self, lo, hi):
+        return self.factors.pop(0)
+
+
+def official_jitter(img, order, b, c, s, h):
+    """torchvision ColorJitter(0.4, 0.4, 0.2, 0.1) on a PIL image (its documented PIL path):
+    fn_idx = randperm(4); adjust_brightness = ImageEnhance.Brightness, adjust_contrast =
+    ImageEnhance.Contrast, adjust_saturation = ImageEnhance.Color, adjust_hue = H channel of HSV
+    plus np.uint8(hue * 255) (uint8 wrap-around); hue on a greyscale image returns it unchanged."""
+    import numpy as np
+    from PIL import Image, ImageEnhance
+    for fn_id in order:
+        if fn_id == 0:
+            img = ImageEnhance.Brightness(img).enhance(b)
+        elif fn_id == 1:
+            img = ImageEnhance.Contrast(img).enhance(c)
+        elif fn_id == 2 and img.mode == "RGB":
+            img = ImageEnhance.Color(img).enhance(s)
+        elif fn_id == 3 and img.mode == "RGB":
+            hh, ss, vv = img.convert("HSV").split()
+            arr = np.array(hh, dtype=np.uint8)
+            with np.errstate(over="ignore"):
+                arr += np.int64(h * 255).astype(np.uint8)
+            img = Image.merge("HSV", (Image.fromarray(arr, "L"), ss, vv)).convert("RGB")
+    return img
+
+
+def test_color_jitter_is_torchvisions_in_every_order():
+    import itertools
+
+    import numpy as np
+    from PIL import Image
+
+    from aim_megatron.data_torch import color_jitter
+    rgb = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
+    factors = (1.3, 0.7, 1.15, -0.07)
+    results = set()
+    for order in itertools.permutations(range(4)):
+        ours = np.asarray(color_jitter(rgb, _FixedDraws(order, factors)))
+        theirs = np.asarray(official_jitter(rgb, order, *factors))
+        np.testing.assert_array_equal(ours, theirs)
+        results.add(ours.tobytes())
+    assert len(results) > 1  # the order matters, so a fixed order would not be the recipe
