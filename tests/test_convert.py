@@ -26,12 +26,12 @@ def official_state_dict(overrides=(), seed=0, with_probe=True) -> dict[str, torc
     torch.manual_seed(seed)
     sd = {k: 0.1 * torch.randn_like(v) + (1.0 if "norm" in k and k.endswith("weight") else 0.0)
           for k, v in ReferenceAIM(m).state_dict().items() if not k.startswith("head.")}
-    if with_probe:
-        probe = AttentiveProbe(m.hidden_size, m.num_heads, 10, seed=seed + 1)
-        probe.bn.running_mean.normal_()
-        probe.bn.running_var.uniform_(0.5, 2.0)
-        probe.bn.num_batches_tracked += 7
-        sd.update({"head." + k: v.clone() for k, v in probe.state_dict().items()})
+    if with_probe:  # the released head.* key set (official AttentionPoolingClassifier, no linear bias)
+        d, classes = m.hidden_size, 10
+        sd.update({"head.cls_token": 0.02 * torch.randn(1, 1, d), "head.k.weight": 0.1 * torch.randn(d, d),
+                   "head.v.weight": 0.1 * torch.randn(d, d), "head.linear.weight": 0.1 * torch.randn(classes, d),
+                   "head.bn.running_mean": torch.randn(d), "head.bn.running_var": torch.rand(d) + 0.5,
+                   "head.bn.num_batches_tracked": torch.tensor(7)})
     return sd
 
 

@@ -70,3 +70,39 @@ def test_reference_head_block_is_the_official_block(one_thread):
                                  sd["norm_2.bias"], sd["mlp.fc1.weight"], sd["mlp.fc2.weight"],
                                  cfg.model.layernorm_eps)
     torch.testing.assert_close(blk(x), theirs, rtol=1e-5, atol=1e-6)
+
+
+# The released head.* of an AIM v1 checkpoint (ml-aim aim/v1/torch/layers.py
+# AttentionPoolingClassifier(dim, classes, num_heads, num_queries=1, qkv_bias=False,
+# linear_bias=False), BatchNorm1d(dim, affine=False, eps=1e-6)); D = width, C = classes.
+def official_probe_shapes(d, c):
+    return {"cls_token": (1, 1, d), "k.weight": (d, d), "v.weight": (d, d), "linear.weight": (c, d),
+            "bn.running_mean": (d,), "bn.running_var": (d,), "bn.num_batches_tracked": ()}
+
+
+def test_probe_key_set_is_the_official_one():
+    from aim_megatron.probe import AttentiveProbe
+    probe = AttentiveProbe(1536, 12, 1000)
+    assert {k: tuple(v.shape) for k, v in probe.state_dict().items()} == official_probe_shapes(1536, 1000)
+    assert probe.bn.eps == 1e-6 and probe.bn.weight is None
+
+
+def test_official_probe_loads_strict_and_computes_the_official_function(one_thread):
+    from aim_megatron.probe import AttentiveProbe
+    d, c, heads = 32, 5, 4
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g) if s else torch.tensor(3) for k, s in official_probe_shapes(d, c).items()}
+    sd["bn.running_var"] = sd["bn.running_var"].abs() + 0.5
+    probe = AttentiveProbe(d, heads, c)
+    probe.load_state_dict(sd)  # strict
+    probe.eval()
+    x = torch.randn(2, 7, d, generator=g)
+    # official forward, eval mode
+    xn = (x - sd["bn.running_mean"]) / torch.sqrt(sd["bn.running_var"] + 1e-6)
+    split = lambda t: t.reshape(2, -1, heads, d // heads).transpose(1, 2)
+    q = split(sd["cls_token"].expand(2, -1, -1))
+    pooled = F.scaled_dot_product_attention(q, split(xn @ sd["k.weight"].T), split(xn @ sd["v.weight"].T))
+    expected = pooled.transpose(1, 2).reshape(2, 1, d).mean(1) @ sd["linear.weight"].T
+    torch.testing.assert_close(probe(x), expected, rtol=1e-5, atol=1e-5)
+    assert {k: tuple(v.shape) for k, v in probe.state_dict().items()} == official_probe_shapes(d, c)
+

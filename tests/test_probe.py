@@ -21,12 +21,12 @@ def test_attentive_probe_structure_matches_the_paper():
     probe = P.AttentiveProbe(dim=32, num_heads=4, num_classes=10)
     assert probe.bn.weight is None and probe.bn.bias is None and probe.bn.eps == 1e-6
     params = dict(probe.named_parameters())
-    assert sorted(params) == ["cls_token", "k.weight", "linear.bias", "linear.weight", "v.weight"]
+    assert sorted(params) == ["cls_token", "k.weight", "linear.weight", "v.weight"]  # no bias (official)
     assert params["cls_token"].shape == (1, 1, 32)  # one query
     assert 0.01 < params["cls_token"].std().item() < 0.04
     # The keys of a released head.* probe, nothing more.
     assert sorted(probe.state_dict()) == sorted(
-        ["cls_token", "k.weight", "v.weight", "linear.weight", "linear.bias",
+        ["cls_token", "k.weight", "v.weight", "linear.weight",
          "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"])
     linear = P.LinearProbe(32, 10)
     assert [n for n, _ in linear.named_parameters()] == ["linear.weight", "linear.bias"]
