@@ -46,6 +46,30 @@ def install_signal_handlers() -> dict:
 if __name__ == "__main__":  # python -m aim_megatron.train: before the seconds of torch imports
     install_signal_handlers()
 
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+_write_queue_managers: list = []
+
+
+def signal_proof_checkpoint_writer() -> None:
+    """megatron's checkpoint writer gets its results through a multiprocessing Manager that it
+    spawns at the first save, with default signal handlers. Slurm signals every process of a job
+    step, so on preemption the Manager died and the save failed (EOFError). Start it here, before
+    any signal, ignoring the stop signals (it is still killed with the step)."""
+    from multiprocessing import get_context
+    from multiprocessing.managers import SyncManager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return
+    manager = SyncManager(ctx=get_context("spawn"))
+    manager.start(initializer=_ignore_stop_signals)
+    _write_queue_managers.append(manager)
+    filesystem_async._results_queue = manager.Queue()
+
 import torch
 import torch.distributed as dist
 import yaml
@@ -301,6 +325,7 @@ class Trainer:
 
     def run(self) -> int:
         t = self.cfg.train
+        signal_proof_checkpoint_writer()
         self._open_logs()
         if self._stop_requested():  # signalled during start-up or resume
             return self._checkpoint_for_requeue()

@@ -103,3 +103,22 @@ def test_stop_file_is_a_time_limit_request(tmp_path):
         os.environ.pop("AIM_STOP_FILE")
     assert "signal 10 received: checkpointing at step 0" in proc.stderr
     assert not stop.exists() and json.loads((out / "requeue.json").read_text())["step"] == 0
+
+
+def test_checkpoint_writer_survives_the_steps_sigterm():
+    """Slurm signals every process of a job step: megatron's checkpoint-writer Manager used to die
+    of the preemption SIGTERM, and the signal-time save with it (EOFError)."""
+    code = """
+import os, signal, time
+from aim_megatron import train
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+train.signal_proof_checkpoint_writer()
+process = train._write_queue_managers[0]._process
+os.kill(process.pid, signal.SIGTERM)
+os.kill(process.pid, signal.SIGUSR1)
+time.sleep(0.5)
+filesystem_async._results_queue.put("written")
+print(process.is_alive(), filesystem_async._results_queue.get())
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.stdout.split() == ["True", "written"], r.stderr[-3000:]

@@ -69,7 +69,7 @@ aim_setup() {
   read -r -a AIM_SRUN_EXTRA <<< "${AIM_SRUN_ARGS:-}"
   aim_env
   echo "$(date -Is) job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES" \
-       "node(s) x $AIM_GPUS_PER_NODE GPUs: $AIM_CONFIG ${AIM_ARGS[*]}"
+       "node(s) x $AIM_GPUS_PER_NODE worker(s): $AIM_CONFIG ${AIM_ARGS[*]}"
   if [ "${AIM_PREFLIGHT:-1}" = 1 ]; then
     srun --nodes=1 --ntasks=1 "${AIM_SRUN_EXTRA[@]}" "$AIM_PYTHON" tools/slurm_layout.py \
       --config "$AIM_CONFIG" --nodes "$SLURM_JOB_NUM_NODES" \
@@ -82,8 +82,9 @@ _aim_on_signal() {
     # The time-limit warning (--signal=B:USR1) reaches only this shell. Signalling the step
     # would kill torchrun (it does not handle SIGUSR1) and SIGTERM to srun makes it SIGKILL the
     # step, so ask through the stop file that every trainer checks after each step.
-    echo "$(date -Is) got SIGUSR1: asking the trainer to checkpoint ($AIM_STOP_FILE)"
-    touch "$AIM_STOP_FILE"
+    AIM_STOP_PENDING=1
+    echo "$(date -Is) got SIGUSR1: asking the trainer to checkpoint (${AIM_STOP_FILE:-at its start})"
+    if [ -n "${AIM_STOP_FILE:-}" ]; then touch "$AIM_STOP_FILE"; fi
   else
     # Preemption, scancel and scontrol requeue signal the job steps themselves.
     echo "$(date -Is) got SIG$1: the job step got it too; waiting for its checkpoint"
@@ -94,8 +95,8 @@ aim_run_requeueable() {
   # Run in the background so the traps fire while waiting (bash defers traps during a
   # foreground command).
   rm -f "$AIM_STOP_FILE" "$AIM_REQUEUE_MARKER"
-  trap '_aim_on_signal USR1' USR1
-  trap '_aim_on_signal TERM' TERM
+  # A signal during the set-up above: the trainer checkpoints (step 0 or its resume step) at once.
+  if [ "${AIM_STOP_PENDING:-0}" = 1 ]; then touch "$AIM_STOP_FILE"; fi
   "$@" &
   AIM_CHILD=$!
   local rc=0
@@ -118,3 +119,8 @@ aim_run_requeueable() {
   echo "$(date -Is) training step exited with code $rc"
   return "$rc"
 }
+
+# Installed when the scripts source this file, so that a signal during set-up is not the shell's
+# death (SIGUSR1's default action) but a request the trainer acts on when it starts.
+trap '_aim_on_signal USR1' USR1
+trap '_aim_on_signal TERM' TERM
