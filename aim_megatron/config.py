@@ -76,6 +76,10 @@ class ModelConfig:
     # of per-patch normalized ones; head_type "linear" replaces the MLP head with one Linear.
     target_norm: bool = True
     head_type: str = "mlp"
+    # "official" (ml-l3m): xavier-uniform for every Linear (trunk and head; biases 0), the patch
+    # conv xavier-uniform over its flattened weight with PyTorch's default bias init.
+    # "megatron": normal(init_std), output projections scaled by 1/sqrt(2 * layers), biases 0.
+    init_method: str = "official"
     init_std: float = 0.02
     # Layer implementation: "auto" picks Transformer Engine when it imports and a GPU is present.
     backend: str = "auto"
@@ -469,6 +473,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_choice("model.backend", m.backend, ("auto", "te", "local"))
     _check_choice("model.attention_kernel", m.attention_kernel, ATTENTION_KERNELS)
     _check_choice("model.head_type", m.head_type, ("mlp", "linear"))
+    _check_choice("model.init_method", m.init_method, ("official", "megatron"))
     _check_choice("parallel.recompute_granularity", p.recompute_granularity, (None, "full", "selective"))
     _check_choice("parallel.recompute_method", p.recompute_method, ("uniform", "block"))
     _check_choice("train.params_dtype", t.params_dtype, ("fp32", "bf16"))

@@ -147,6 +147,47 @@ def layer_spec(backend: str, with_attention: bool = True, attention_kernel: str 
             sharded_state_dict_keys_map=keys_map))
 
 
+# --------------------------------------------------------------------------- initialisation
+
+def xavier_bound(fan_in: int, fan_out: int) -> float:
+    return (6.0 / (fan_in + fan_out)) ** 0.5
+
+
+def official_init_methods(m: ModelConfig) -> dict:
+    """TransformerConfig init callables for ``model.init_method``. With CPU initialisation
+    megatron draws the full [out, in] master weight and splits it over TP, so xavier sees the
+    full fans (and every layout gets the same values); GPU initialisation draws each shard
+    separately, which ``reinit_official_tp_shards`` corrects."""
+    if m.init_method != "official":
+        return {}
+    return dict(init_method=torch.nn.init.xavier_uniform_,
+                output_layer_init_method=torch.nn.init.xavier_uniform_)
+
+
+def _tp_partition(module: torch.nn.Module) -> Optional[str]:
+    if isinstance(module, ColumnParallelLinear) or getattr(module, "parallel_mode", None) == "column":
+        return "column"
+    if isinstance(module, RowParallelLinear) or getattr(module, "parallel_mode", None) == "row":
+        return "row"
+    return None
+
+
+@torch.no_grad()
+def reinit_official_tp_shards(module: torch.nn.Module, tp: int) -> None:
+    """xavier-uniform on every TP-sharded linear from the *full* matrix's fans (GPU init draws
+    per shard, and xavier on a [out/tp, in] shard would use the wrong bound)."""
+    for sub in module.modules():
+        part = _tp_partition(sub)
+        w = getattr(sub, "weight", None)
+        if part is None or w is None:
+            continue
+        out_f, in_f = w.shape
+        out_f, in_f = (out_f * tp, in_f) if part == "column" else (out_f, in_f * tp)
+        b = xavier_bound(in_f, out_f)
+        with tensor_parallel.get_cuda_rng_tracker().fork():  # shards draw different values
+            w.uniform_(-b, b)
+
+
 # --------------------------------------------------------------------------- configs
 
 def transformer_configs(cfg: Config) -> tuple[TransformerConfig, TransformerConfig]:
@@ -165,6 +206,7 @@ def transformer_configs(cfg: Config) -> tuple[TransformerConfig, TransformerConf
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
+        **official_init_methods(m),
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -277,7 +319,8 @@ class PatchEmbed(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(m.hidden_size, eps=m.layernorm_eps, device=device, dtype=dtype)
         with torch.no_grad():  # init as a linear layer over flattened patches (MAE)
             torch.nn.init.xavier_uniform_(self.proj.weight.view(m.hidden_size, -1))
-            torch.nn.init.zeros_(self.proj.bias)
+            if m.init_method != "official":  # ml-l3m keeps Conv2d's default bias init
+                torch.nn.init.zeros_(self.proj.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.proj(images).flatten(2).transpose(1, 2)  # [b, N, D]
@@ -304,7 +347,10 @@ class PredictionHead(MegatronModule):
         self.register_buffer("pos", sincos_2d(m.head_hidden_size, m.grid_size).to(device=dev),
                              persistent=False)
         for lin in (self.in_proj, self.out_proj):
-            torch.nn.init.normal_(lin.weight, std=m.init_std)
+            if m.init_method == "official":
+                torch.nn.init.xavier_uniform_(lin.weight)
+            else:
+                torch.nn.init.normal_(lin.weight, std=m.init_std)
             torch.nn.init.zeros_(lin.bias)
         # Replicated over TP but fed only this rank's sequence chunk under SP: sum grads over TP.
         for module in (self.in_proj, self.norm, self.out_proj):
@@ -372,6 +418,8 @@ class AIMModel(MegatronModule):
                     setattr(p, "sequence_parallel", trunk_config.sequence_parallel)
             else:
                 self.head = PredictionHead(m, head_config, backend)
+        if m.init_method == "official" and not trunk_config.use_cpu_initialization and trunk_config.tensor_model_parallel_size > 1:
+            reinit_official_tp_shards(self, trunk_config.tensor_model_parallel_size)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by the pipeline schedule with the activations received from the previous stage."""

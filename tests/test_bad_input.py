@@ -107,6 +107,7 @@ RANGE = {
     "model.prefix_max": ("16", [], "within [1, 15]"),
     "model.head_type": ("conv", [], "'mlp' or 'linear'"),
     "model.init_std": ("-0.02", [], "> 0"),
+    "model.init_method": ("xavier", [], "'official' or 'megatron'"),
     "model.backend": ("cuda", [], "'auto', 'te' or 'local'"),
     "model.attention_kernel": ("flash", [], "'varlen', 'flex' or 'masked'"),
     "parallel.tp": ("0", [], ">= 1"),

@@ -106,3 +106,54 @@ def test_official_probe_loads_strict_and_computes_the_official_function(one_thre
     torch.testing.assert_close(probe(x), expected, rtol=1e-5, atol=1e-5)
     assert {k: tuple(v.shape) for k, v in probe.state_dict().items()} == official_probe_shapes(d, c)
 
+
+# ml-l3m init (Transformer/SimpleDecoder._init_weights with weight_init_style xavier_uniform):
+# every nn.Linear weight ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)) (std a / sqrt(3)), biases 0,
+# LayerNorms 1/0; the patch conv's weight xavier over its [D, C*p*p] view, its bias left at
+# PyTorch's Conv2d default U(-1/sqrt(C*p*p), 1/sqrt(C*p*p)).
+def assert_xavier(name, w, fan_in, fan_out):
+    a = math.sqrt(6.0 / (fan_in + fan_out))
+    assert w.abs().max().item() <= a + 1e-7, name
+    n = w.numel()
+    # std of U(-a, a) is a/sqrt(3); the sample std is within ~4 standard errors
+    assert abs(w.std().item() / (a / math.sqrt(3)) - 1) < 4 * 0.9 / math.sqrt(n) + 0.01, (name, n)
+    assert abs(w.mean().item()) < 4 * a / math.sqrt(3 * n), name
+
+
+def test_official_init_is_xavier_uniform_everywhere(one_thread):
+    cfg, model = build(["model.hidden_size=64", "model.num_heads=4", "model.head_hidden_size=64",
+                        "model.head_ffn_hidden_size=256"])
+    assert cfg.model.init_method == "official"  # the default
+    m = cfg.model
+    d, f, hh, hf = m.hidden_size, m.ffn_hidden_size, m.head_hidden_size, m.head_ffn_hidden_size
+    fans = {"self_attention.linear_qkv.weight": (d, 3 * d), "self_attention.linear_proj.weight": (d, d),
+            "mlp.linear_fc1.weight": (d, f), "mlp.linear_fc2.weight": (f, d)}
+    seen = 0
+    for name, p in model.named_parameters():
+        if name.startswith("trunk.layers."):
+            suffix = name.split(".", 3)[3]
+            if suffix in fans:
+                assert_xavier(name, p, *fans[suffix]); seen += 1
+        elif name.startswith("head.blocks."):
+            suffix = name.split(".", 3)[3]
+            if suffix == "mlp.linear_fc1.weight":
+                assert_xavier(name, p, hh, hf); seen += 1
+            elif suffix == "mlp.linear_fc2.weight":
+                assert_xavier(name, p, hf, hh); seen += 1
+        if "layernorm" in name or "norm." in name:
+            assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+    assert seen == 4 * m.num_layers + 2 * m.head_num_layers
+    assert_xavier("head.in_proj", model.head.in_proj.weight, d, hh)
+    assert_xavier("head.out_proj", model.head.out_proj.weight, hh, m.patch_dim)
+    assert torch.all(model.head.in_proj.bias == 0) and torch.all(model.head.out_proj.bias == 0)
+    conv = model.patch_embed.proj
+    assert_xavier("patch conv", conv.weight.view(d, -1), m.patch_dim, d)
+    bound = 1 / math.sqrt(m.patch_dim)
+    assert conv.bias.abs().max() <= bound and conv.bias.abs().max() > 0.5 * bound  # default, not zeros
+
+
+def test_megatron_init_stays_available(one_thread):
+    cfg, model = build(["model.init_method=megatron"])
+    w = model.trunk.layers[0].mlp.linear_fc1.weight
+    assert abs(w.std().item() / cfg.model.init_std - 1) < 0.1
+    assert torch.all(model.patch_embed.proj.bias == 0)

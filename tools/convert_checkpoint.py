@@ -125,9 +125,10 @@ def check_trunk(sd: dict[str, torch.Tensor], m: ModelConfig) -> None:
 
 
 def fresh_pretraining_head(m: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Pre-training head weights in reference names, drawn on CPU from ``seed`` with
-    megatron-core's init scheme (normal(init_std); fc2 scaled by 1/sqrt(2 * blocks); norms 1,
-    biases 0), so every target layout imports the same head."""
+    """Pre-training head weights in reference names, drawn on CPU from ``seed`` with the
+    configured init (model.init_method: official = xavier-uniform weights; megatron =
+    normal(init_std), fc2 scaled by 1/sqrt(2 * blocks); norms 1, biases 0 in both), so every
+    target layout imports the same head."""
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in PredictionHead(m).state_dict().items()}
@@ -137,6 +138,9 @@ def fresh_pretraining_head(m: ModelConfig, seed: int) -> dict[str, torch.Tensor]
             t = torch.zeros(shape)
         elif "norm" in name:
             t = torch.ones(shape)
+        elif m.init_method == "official":
+            bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+            t = (2 * torch.rand(shape, generator=g) - 1) * bound
         else:
             std = m.init_std / math.sqrt(2 * m.head_num_layers) if name.endswith("fc2.weight") else m.init_std
             t = std * torch.randn(shape, generator=g)
