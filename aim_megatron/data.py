@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 DALI_INSTALL_HINT = "pip install nvidia-dali-cuda130==2.4.0"
+# Evaluation crop of the official AIM probe: Resize(256) + CenterCrop(224), i.e. the shorter side to
+# image_size / 0.875, then the centred image_size square.
+EVAL_CROP_RATIO = 0.875
 _LOG_CORRUPT_NAMES = 100    # distinct corrupt samples logged per stream (all are counted)
 
 
@@ -581,13 +584,19 @@ def select_loader_kind(requested: str = "auto") -> str:
     return "torch"
 
 
+def eval_resize_size(image_size: int) -> int:
+    """Shorter side before the evaluation centre crop: 256 for 224 (official), 32 for 28."""
+    return int(round(image_size / EVAL_CROP_RATIO))
+
+
 def build_loader(cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int,
                  split: str = "train") -> ImageLoader:
     """The loader of one data-parallel rank, per ``data.loader``; logs which one it is.
 
     split="train" reads ``data.train_sources`` with the training augmentation; split="val" reads
-    ``data.val_sources`` in stored order with a deterministic center crop (resize the shorter side to
-    image_size, bicubic) and no flip or jitter. Both are endless and resumable."""
+    ``data.val_sources`` in stored order with the official deterministic center crop (shorter side to
+    eval_resize_size(image_size) = image_size / 0.875, bicubic, then the centred image_size square)
+    and no flip or jitter. Both are endless and resumable."""
     specs = cfg.data.train_sources if split == "train" else cfg.data.val_sources
     if specs and all(s == "synthetic" for s in specs):
         logger.info("data loader (%s): synthetic images", split)

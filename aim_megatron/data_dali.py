@@ -34,7 +34,8 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from aim_megatron.config import Config
-from aim_megatron.data import Chunk, ImageLoader, Source, SourceStream, derive_seed, shard_bounds
+from aim_megatron.data import (Chunk, ImageLoader, Source, SourceStream, derive_seed, eval_resize_size,
+                               shard_bounds)
 from aim_megatron.data_shards import IMAGE_EXTENSIONS, parse_label
 
 logger = logging.getLogger(__name__)
@@ -119,11 +120,22 @@ def _image_pipeline(source: Source, placement: DaliPlacement, cfg: Config, shard
     output_type = types.GRAY if gray else types.RGB
     mean, std = d.normalization(m.in_channels)
     norm = dict(dtype=types.FLOAT, output_layout="CHW", mean=[255.0 * x for x in mean], std=[255.0 * x for x in std])
-    if not train:  # evaluation: shorter side to image_size (bicubic), center crop
+    if not train:  # evaluation (official): shorter side to image_size / 0.875 (bicubic), center crop
+        # Sizes and offsets in torchvision's integer arithmetic, so both loaders crop the same pixels:
+        # long side int(R * long / short), offset int(round((size - S) / 2)) (round half to even).
         images = fn.decoders.image(encoded, device=placement.decoder, output_type=output_type)
-        images = fn.resize(images, resize_shorter=m.image_size, interp_type=types.INTERP_CUBIC, antialias=True)
-        images = fn.crop_mirror_normalize(images, crop=(m.image_size, m.image_size), crop_pos_x=0.5,
-                                          crop_pos_y=0.5, **norm)
+        r, crop = eval_resize_size(m.image_size), m.image_size
+        shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.INT64)
+        h, w = shape[0], shape[1]
+        short = dmath.min(h, w)
+        new_h, new_w = (r * h) // short, (r * w) // short
+        images = fn.resize(images, size=fn.cast(fn.stack(new_h, new_w), dtype=types.FLOAT),
+                           interp_type=types.INTERP_CUBIC, antialias=True)
+        half = lambda n: n // 2 + (n % 2) * ((n // 2) % 2)
+        anchor = fn.cast(fn.stack(half(new_h - crop), half(new_w - crop)), dtype=types.FLOAT)
+        images = fn.slice(images, anchor, types.Constant([crop, crop], dtype=types.FLOAT), axes=[0, 1],
+                          normalized_anchor=False, normalized_shape=False)
+        images = fn.crop_mirror_normalize(images, **norm)
         return images, label, valid, info
     images = fn.decoders.image_random_crop(
         encoded, device=placement.decoder, output_type=output_type,

@@ -18,7 +18,8 @@ import torch
 from PIL import Image, ImageEnhance
 
 from aim_megatron.config import Config
-from aim_megatron.data import Chunk, ImageLoader, Source, SourceStream, derive_seed, shard_bounds
+from aim_megatron.data import (Chunk, ImageLoader, Source, SourceStream, derive_seed, eval_resize_size,
+                               shard_bounds)
 from aim_megatron.data_shards import IMAGE_EXTENSIONS, parse_label, read_wds_index, scan_tar
 
 _RATIO = (3 / 4, 4 / 3)
@@ -72,15 +73,21 @@ def color_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def augment(img: Image.Image, rng: np.random.Generator, cfg: Config, train: bool = True) -> torch.Tensor:
     """Decoded PIL image -> normalized float32 [C, S, S]. Training: RandomResizedCrop (bicubic), jitter,
-    flip. Evaluation: the centered square of side min(w, h) resized to S (= shorter side to S + center crop)."""
+    flip. Evaluation: the official crop, shorter side to S / 0.875 (bicubic) then the centred S x S square."""
     d, m = cfg.data, cfg.model
     img = img.convert("L" if m.in_channels == 1 else "RGB")
     if train:
         left, top, w, h = random_resized_crop_box(img.width, img.height, (d.crop_scale_min, d.crop_scale_max), rng)
-    else:
-        w = h = min(img.width, img.height)
-        left, top = (img.width - w) / 2, (img.height - h) / 2
-    img = img.resize((m.image_size, m.image_size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        img = img.resize((m.image_size, m.image_size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    else:  # torchvision Resize(R) (long side int(R * long / short)) + CenterCrop(S)
+        r, s = eval_resize_size(m.image_size), m.image_size
+        if img.width <= img.height:
+            size = (r, int(r * img.height / img.width))
+        else:
+            size = (int(r * img.width / img.height), r)
+        img = img.resize(size, Image.Resampling.BICUBIC)
+        left, top = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
+        img = img.crop((left, top, left + s, top + s))
     if train and d.color_jitter and rng.random() < 0.8:
         img = color_jitter(img, rng)
     if train and d.hflip and rng.random() < 0.5:

@@ -85,3 +85,22 @@ def test_color_jitter_is_torchvisions_in_every_order():
         np.testing.assert_array_equal(ours, theirs)
         results.add(ours.tobytes())
     assert len(results) > 1  # the order matters, so a fixed order would not be the recipe
+
+
+def test_eval_transform_is_resize_256_center_crop_224():
+    """ml-aim's evaluation transform: Resize(256, bicubic) on the shorter side (torchvision: the long
+    side becomes int(256 * long / short)), CenterCrop(224) (offsets int(round((size - 224) / 2))),
+    ToTensor, Normalize(mean, std)."""
+    import numpy as np
+    from PIL import Image
+
+    from aim_megatron.data_torch import augment
+    cfg = load_config(None, ["model.image_size=224", "model.patch_size=14", "model.in_channels=3"])
+    img = Image.fromarray((np.random.default_rng(1).random((400, 300, 3)) * 255).astype(np.uint8))  # w 300, h 400
+    ref = img.resize((256, int(256 * 400 / 300)), Image.Resampling.BICUBIC)          # 256 x 341
+    left, top = int(round((256 - 224) / 2.0)), int(round((341 - 224) / 2.0))
+    ref = np.asarray(ref.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
+    mean, std = cfg.data.normalization(3)
+    ref = torch.from_numpy((ref - np.array(mean, np.float32)) / np.array(std, np.float32)).permute(2, 0, 1)
+    ours = augment(img, np.random.default_rng(0), cfg, train=False)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
