@@ -31,7 +31,18 @@ stop_pidfile() {  # stop the daemon whose pid is in $1, if it is still running
 }
 
 stop() {
-  local f
+  local f pid child
+  # Cancel the jobs first: killing the daemons alone leaves slurmstepd and the job's processes.
+  if [ -f "$STATE/slurmctld.pid" ] && squeue -h >/dev/null 2>&1; then
+    scancel --full --signal=KILL --state=RUNNING "$(squeue -h -o %A | paste -sd, -)" 2>/dev/null || true
+    squeue -h -o %A | xargs -r scancel 2>/dev/null || true
+    for _ in $(seq 100); do pgrep -x slurmstepd >/dev/null || break; sleep 0.2; done
+  fi
+  # Steps of an earlier cluster whose daemons are gone (only this test cluster runs Slurm here).
+  for pid in $(pgrep -x slurmstepd); do
+    for child in $(pgrep -P "$pid"); do kill -9 -- "-$child" "$child" 2>/dev/null || true; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
   for f in "$STATE"/slurmd.*.pid "$STATE/slurmctld.pid"; do stop_pidfile "$f"; done
   stop_pidfile "$STATE/munged.pid"
 }
