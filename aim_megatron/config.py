@@ -62,7 +62,9 @@ class ModelConfig:
     num_layers: int = 24
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    layernorm_eps: float = 1e-6
+    # ml-l3m pre-trains with eps 1e-5; the released ml-aim models use 1e-6, which
+    # tools/convert_checkpoint.py import sets (docs/fidelity.md).
+    layernorm_eps: float = 1e-5
     # Prediction head: residual MLP blocks on a fixed-width stream (same for every trunk size).
     head_hidden_size: int = 2048
     head_ffn_hidden_size: int = 8192

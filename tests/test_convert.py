@@ -67,6 +67,9 @@ def test_import_tp2_then_export_is_bit_identical(imported_tp2):
     sd, dst = imported_tp2
     meta = checkpoint.read_meta(checkpoint.resolve(dst / "checkpoints"))
     assert meta["layout"]["tp"] == 2 and meta["step"] == 0
+    # released models use LayerNorm eps 1e-6 (pre-training default 1e-5): the import records it
+    cfg = checkpoint.config_from_checkpoint(checkpoint.resolve(dst / "checkpoints"), convert.SINGLE_PROCESS)
+    assert cfg.model.layernorm_eps == 1e-6
     out = export(dst)
     assert "head.cls_token" in out and out["trunk.blocks.0.attn.qkv.weight"].shape == (96, 32)
     assert_identical(sd, out)

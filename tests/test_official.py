@@ -157,3 +157,27 @@ def test_megatron_init_stays_available(one_thread):
     w = model.trunk.layers[0].mlp.linear_fc1.weight
     assert abs(w.std().item() / cfg.model.init_std - 1) < 0.1
     assert torch.all(model.patch_embed.proj.bias == 0)
+
+
+def test_layernorm_eps_is_the_training_configs():
+    # ml-l3m configs/aimv1: LayerNormFP32(eps=1e-5) in the patch embed, trunk and head
+    cfg, model = build()
+    assert cfg.model.layernorm_eps == 1e-5
+    norms = [mod for mod in model.modules() if isinstance(mod, torch.nn.LayerNorm)]
+    assert len(norms) == 1 + 2 * cfg.model.num_layers + 1 + 2 * cfg.model.head_num_layers + 1
+    assert all(n.eps == 1e-5 for n in norms)
+
+
+def test_gpu_style_shard_reinit_uses_the_full_matrix_fans(one_thread):
+    """GPU init draws each TP shard alone; reinit_official_tp_shards redraws it from the full
+    matrix's xavier bound. Here a TP=1 model's linears stand for TP=2 shards: a column-parallel
+    [out, in] shard belongs to a [2*out, in] matrix, a row-parallel one to [out, 2*in]."""
+    from aim_megatron.model import reinit_official_tp_shards
+    cfg, model = build(["model.hidden_size=64", "model.num_heads=4"])
+    reinit_official_tp_shards(model, tp=2)
+    d, f = cfg.model.hidden_size, cfg.model.ffn_hidden_size
+    layer = model.trunk.layers[0]
+    assert_xavier("qkv (column)", layer.self_attention.linear_qkv.weight, d, 2 * 3 * d)
+    assert_xavier("proj (row)", layer.self_attention.linear_proj.weight, 2 * d, d)
+    assert_xavier("fc1 (column)", layer.mlp.linear_fc1.weight, d, 2 * f)
+    assert_xavier("fc2 (row)", layer.mlp.linear_fc2.weight, 2 * f, d)

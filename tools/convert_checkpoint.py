@@ -47,6 +47,7 @@ log = logging.getLogger("convert")
 
 TRUNK_PREFIXES = ("preprocessor.", "trunk.")
 HEAD_PREFIX = "head."
+RELEASED_LAYERNORM_EPS = "model.layernorm_eps=1e-6"
 # Export reads the checkpoint into one process: a layout that holds the whole model.
 SINGLE_PROCESS = ["parallel.tp=1", "parallel.pp=1", "parallel.vp=null", "parallel.sequence_parallel=false",
                   "parallel.trunk_layers_in_last_stage=null", "parallel.use_distributed_optimizer=false",
@@ -268,7 +269,9 @@ def main(argv=None) -> int:
     def body() -> None:
         check_args()
         if args.command == "import":
-            cfg = load_config(args.config, args.overrides + [f"train.output_dir={args.dst}"])
+            # Released AIM v1 models use LayerNorm eps 1e-6 (pre-training: 1e-5); an override wins.
+            cfg = load_config(args.config, [RELEASED_LAYERNORM_EPS, *args.overrides,
+                                            f"train.output_dir={args.dst}"])
             import_official(args.src, args.dst, cfg, args.probe_out, args.probe_layers)
         else:
             sd = export_official(args.src, args.probe)
