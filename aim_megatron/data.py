@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -585,8 +586,9 @@ def select_loader_kind(requested: str = "auto") -> str:
 
 
 def eval_resize_size(image_size: int) -> int:
-    """Shorter side before the evaluation centre crop: 256 for 224 (official), 32 for 28."""
-    return int(round(image_size / EVAL_CROP_RATIO))
+    """Shorter side before the evaluation centre crop: ceil(S / 0.875) as ml-aim's val_transforms
+    (256 for 224, 32 for 28)."""
+    return math.ceil(image_size / EVAL_CROP_RATIO)
 
 
 def build_loader(cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int,

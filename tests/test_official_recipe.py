@@ -104,3 +104,9 @@ def test_eval_transform_is_resize_256_center_crop_224():
     ref = torch.from_numpy((ref - np.array(mean, np.float32)) / np.array(std, np.float32)).permute(2, 0, 1)
     ours = augment(img, np.random.default_rng(0), cfg, train=False)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_resize_is_ceil_of_size_over_0875():
+    from aim_megatron.data import eval_resize_size
+    for size in (224, 28, 112, 36, 336, 448):  # ml-aim val_transforms: math.ceil(img_size / 0.875)
+        assert eval_resize_size(size) == math.ceil(size / 0.875)
