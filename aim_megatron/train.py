@@ -311,7 +311,9 @@ class Trainer:
         scripts requeue on: torchrun's and srun's exit codes after a signal say nothing."""
         self._log_line(f"signal {self.stop_signal or 'from a peer'} received: checkpointing "
                        f"at step {self.step} and exiting for requeue")
-        if self._saved_step != self.step:
+        # Step 0 of a fresh run has nothing to keep, and its optimizer has no state yet: a checkpoint
+        # of it would not load (found on the real cluster); the requeued job simply starts again.
+        if self._saved_step != self.step and self.step > 0:
             self.save()
         stop_file = os.environ.get("AIM_STOP_FILE")
         if stop_file:

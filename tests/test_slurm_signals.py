@@ -103,6 +103,9 @@ def test_stop_file_is_a_time_limit_request(tmp_path):
         os.environ.pop("AIM_STOP_FILE")
     assert "signal 10 received: checkpointing at step 0" in proc.stderr
     assert not stop.exists() and json.loads((out / "requeue.json").read_text())["step"] == 0
+    # step 0 of a fresh run: no checkpoint (its empty optimizer state would not load); the
+    # requeued run starts from scratch, losing nothing
+    assert not list((out / "checkpoints").glob("step_*"))
 
 
 def test_checkpoint_writer_survives_the_steps_sigterm():
