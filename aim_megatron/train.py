@@ -50,6 +50,12 @@ if __name__ == "__main__":  # python -m aim_megatron.train: before the seconds o
 def _ignore_stop_signals() -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    # ...and die with the trainer, however it ends (os._exit, SIGKILL): nothing left behind.
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 _write_queue_managers: list = []
@@ -81,6 +87,7 @@ from . import checkpoint, cli, cpu_shims, parallel
 from .config import Config, ConfigError, load_config, num_microbatches
 from .flops import device_peak_tflops, train_flops_per_image
 from . import data
+from .watchdog import HangWatchdog
 
 log = logging.getLogger("aim_megatron.train")
 
@@ -180,6 +187,7 @@ class Trainer:
         self.bad_in_row = 0
         self.stop_signal = 0
         self._saved_step = None  # step of the checkpoint on disk, if this process saved/loaded it
+        self.watchdog: Optional[HangWatchdog] = None
         self.is_logger = dist.get_rank() == 0
         self.writer = None
         self.flops_per_image = train_flops_per_image(cfg.model)
@@ -329,6 +337,7 @@ class Trainer:
         t = self.cfg.train
         signal_proof_checkpoint_writer()
         self._open_logs()
+        self._start_watchdog()
         if self._stop_requested():  # signalled during start-up or resume
             return self._checkpoint_for_requeue()
         progress = self._progress()
@@ -337,6 +346,8 @@ class Trainer:
         first_step = self.step
         while self.step < t.train_iters:
             window.append(self.train_step())
+            if self.watchdog is not None:
+                self.watchdog.beat(self.step)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{window[-1]['loss']:.4f}", lr=f"{window[-1]['lr']:.2e}")
@@ -433,7 +444,17 @@ class Trainer:
                                  "images_seen": self.step * self.cfg.train.global_batch_size,
                                  "skipped_steps": self.skipped_steps}, scalars=False)
 
+    def _start_watchdog(self) -> None:
+        # train.hang_timeout_s once the config has it; AIM_HANG_TIMEOUT_S meanwhile (0: off). It
+        # must exceed the longest step, evaluation and checkpoint write.
+        timeout = float(getattr(self.cfg.train, "hang_timeout_s", 0) or os.environ.get("AIM_HANG_TIMEOUT_S") or 0)
+        if timeout > 0:
+            self.watchdog = HangWatchdog(self.out_dir / "heartbeat", dist.get_rank(),
+                                         dist.get_world_size(), timeout).start()
+
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.train_loader is not None and hasattr(self.train_loader, "close"):
             self.train_loader.close()
         if self.is_logger:
