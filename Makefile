@@ -14,8 +14,9 @@ test: setup
 demo: setup
 	PYTHON=$(PYTHON) bash examples/demo.sh
 
-# The AIM paper's findings at CPU scale (tools/findings.py, docs/findings.md): 6 variants x 3 seeds,
-# about two hours on 2 cores. Piece by piece: python tools/findings.py run --only base,raw; then report.
+# The AIM paper's findings at CPU scale (tools/findings.py, docs/findings.md): 6 variants x 3 seeds x
+# 400 steps and 39 probes; not yet run end to end - estimated 2.5-3 h on a quiet 2-core machine
+# (--probe-test 2000 or --probe-train 5000 trims the probes). Piece by piece: --only base,raw; then report.
 findings: setup
 	PYTHON=$(PYTHON) bash -c 'for s in train test; do [ -f data/fashion-mnist/$$s/manifest.json ] || \
 		$(PYTHON) tools/make_shards.py --fashion-mnist $$s --out data/fashion-mnist/$$s; done'
