@@ -169,6 +169,9 @@ class TrainConfig:
     keep_last: int = 3            # checkpoints kept (0 = all)
     max_bad_steps: int = 5        # consecutive NaN/inf steps before the run stops
     exit_after_steps: int = 0     # checkpoint and exit (code 0) after this many steps in this run
+    # Seconds without progress on some rank before every rank dumps its stacks, names the stuck
+    # rank(s) and exits 3 (requeue); 0 = off. Must exceed the slowest step, evaluation and save.
+    hang_timeout_s: float = 0.0
     tensorboard: bool = True
 
     @property
@@ -418,7 +421,7 @@ _AT_LEAST: dict[str, tuple[float, bool]] = {
     "train.warmup_fraction": (0, True), "train.fp8_amax_history_len": (1, True),
     "train.log_interval": (1, True), "train.eval_interval": (0, True), "train.eval_iters": (1, True),
     "train.save_interval": (0, True), "train.keep_last": (0, True), "train.max_bad_steps": (1, True),
-    "train.exit_after_steps": (0, True),
+    "train.exit_after_steps": (0, True), "train.hang_timeout_s": (0, True),
     "data.num_workers": (0, True), "data.crop_scale_min": (0, False), "data.shuffle_buffer": (1, True),
 }
 _HINTS = {  # what 0 or a negative value would have meant, where it is a likely mistake
@@ -429,6 +432,7 @@ _HINTS = {  # what 0 or a negative value would have meant, where it is a likely 
     "train.save_interval": "0 means checkpoint only at the end",
     "train.keep_last": "0 keeps every checkpoint",
     "train.clip_grad": "0 turns clipping off",
+    "train.hang_timeout_s": "0 turns hang detection off",
 }
 _BELOW = {"train.adam_beta1": 1.0, "train.adam_beta2": 1.0, "train.seed": 2 ** 32}
 

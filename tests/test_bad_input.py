@@ -142,6 +142,7 @@ RANGE = {
     "train.keep_last": ("-1", [], "0 keeps every checkpoint"),
     "train.max_bad_steps": ("0", [], ">= 1"),
     "train.exit_after_steps": ("-1", [], ">= 0"),
+    "train.hang_timeout_s": ("-5", [], "0 turns hang detection off"),
     "data.train_sources": ("[]", [], "name shards, a folder or 'synthetic'"),
     "data.train_weights": ("[-1.0]", [], "one positive weight per source"),
     "data.val_sources": ("['']", [], "an empty path"),

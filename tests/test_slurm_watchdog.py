@@ -16,11 +16,12 @@ TIMEOUT_S = 8
 def test_stopped_rank_is_detected_named_and_nothing_is_left(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               AIM_HANG_TIMEOUT_S=str(TIMEOUT_S), TORCH_ELASTIC_SHUTDOWN_TIMEOUT="2")
+               TORCH_ELASTIC_SHUTDOWN_TIMEOUT="2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "aim_megatron.train", *TINY, "model.in_channels=1", "train.micro_batch_size=2",
            "train.global_batch_size=8", "train.train_iters=100000", "train.log_interval=1",
            "train.tensorboard=false", "train.eval_interval=0", "train.save_interval=0",
+           f"train.hang_timeout_s={TIMEOUT_S}",
            f"train.output_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
