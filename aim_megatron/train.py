@@ -47,15 +47,30 @@ if __name__ == "__main__":  # python -m aim_megatron.train: before the seconds o
     install_signal_handlers()
 
 
-def _ignore_stop_signals() -> None:
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    # ...and die with the trainer, however it ends (os._exit, SIGKILL): nothing left behind.
+def _die_with_parent() -> None:
+    """SIGKILL this process when its parent dies, however the parent ends (os._exit, SIGKILL)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _ignore_stop_signals() -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()  # ...and die with the trainer: nothing left behind
+
+
+def _die_with_torchrun() -> None:
+    """torchrun starts each worker in a session of its own, so a kill -9 of torchrun's process
+    group (by a user, or a scheduler without cgroups) left the workers training on, orphaned.
+    Tie every worker's life to its torchrun; a worker whose torchrun is already gone exits."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    _die_with_parent()
+    if os.getppid() == 1:  # torchrun died before the prctl above took effect
+        os._exit(EXIT_ERROR)
 
 
 _write_queue_managers: list = []
@@ -445,9 +460,9 @@ class Trainer:
                                  "skipped_steps": self.skipped_steps}, scalars=False)
 
     def _start_watchdog(self) -> None:
-        # train.hang_timeout_s once the config has it; AIM_HANG_TIMEOUT_S meanwhile (0: off). It
-        # must exceed the longest step, evaluation and checkpoint write.
-        timeout = float(getattr(self.cfg.train, "hang_timeout_s", 0) or os.environ.get("AIM_HANG_TIMEOUT_S") or 0)
+        # train.hang_timeout_s, else AIM_HANG_TIMEOUT_S (set cluster-wide by a job script); 0: off.
+        # It must exceed the longest step, evaluation and checkpoint write.
+        timeout = self.cfg.train.hang_timeout_s or float(os.environ.get("AIM_HANG_TIMEOUT_S") or 0)
         if timeout > 0:
             self.watchdog = HangWatchdog(self.out_dir / "heartbeat", dist.get_rank(),
                                          dist.get_world_size(), timeout).start()
@@ -578,6 +593,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     previous_handlers = install_signal_handlers()  # first: a signal at start-up is not lost
+    _die_with_torchrun()
     try:
         return _main(argv)
     finally:
