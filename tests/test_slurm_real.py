@@ -132,7 +132,11 @@ def test_every_stop_checkpoints_requeues_and_resumes_exactly(cluster, repo, tmp_
         info = job(jid)
         state = info.get("JobState")
         if state == "PENDING" and info.get("Reason") == "BeginTime":   # a requeued job waits ~2 min
-            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+            # ...but not less than a few seconds: slurmd revokes the old run's credential, and a
+            # restart within the same second gets "Job credential revoked" and fails the job.
+            if time.time() - pending_since.setdefault(name, time.time()) > 3:
+                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"],
+                               capture_output=True)
         if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             # a job that requeues itself shows FAILED for a moment before it is pending again
             first = failing.setdefault(name, time.time())
@@ -143,7 +147,7 @@ def test_every_stop_checkpoints_requeues_and_resumes_exactly(cluster, repo, tmp_
             if (tmp_path / name / "metrics.jsonl").exists() else False
         return state if state == "COMPLETED" and done else None
 
-    states, failing = {}, {}
+    states, failing, pending_since = {}, {}, {}
     deadline = time.time() + 600
     while len(states) < len(jobs) and time.time() < deadline:
         for name, jid in jobs.items():
