@@ -154,6 +154,19 @@ def _qkv_official_to_megatron(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(3, heads, three_d // (3 * heads), d).transpose(0, 1).reshape(three_d, d)
 
 
+def _block_pairs(a: str, b: str, attention: tuple[tuple[str, str], ...] = ()
+                 ) -> list[tuple[str, str]]:
+    """(megatron, reference) names of one pre-norm block with prefixes a and b; the attention's
+    weight pairs sit between the two norms, in the order the released state dict lists them."""
+    return [(a + "input_layernorm.weight", b + "norm_1.weight"),
+            (a + "input_layernorm.bias", b + "norm_1.bias"),
+            *attention,
+            (a + "pre_mlp_layernorm.weight", b + "norm_2.weight"),
+            (a + "pre_mlp_layernorm.bias", b + "norm_2.bias"),
+            (a + "mlp.linear_fc1.weight", b + "mlp.fc1.weight"),
+            (a + "mlp.linear_fc2.weight", b + "mlp.fc2.weight")]
+
+
 def _name_pairs(m: ModelConfig) -> list[tuple[str, str]]:
     """(megatron full name, reference name) for every parameter."""
     pairs = [
@@ -166,29 +179,14 @@ def _name_pairs(m: ModelConfig) -> list[tuple[str, str]]:
     ]
     for i in range(m.num_layers):
         a, b = f"trunk.layers.{i}.", f"trunk.blocks.{i}."
-        pairs += [
-            (a + "input_layernorm.weight", b + "norm_1.weight"),
-            (a + "input_layernorm.bias", b + "norm_1.bias"),
-            (a + "self_attention.linear_qkv.weight", b + "attn.qkv.weight"),
-            (a + "self_attention.linear_proj.weight", b + "attn.proj.weight"),
-            (a + "pre_mlp_layernorm.weight", b + "norm_2.weight"),
-            (a + "pre_mlp_layernorm.bias", b + "norm_2.bias"),
-            (a + "mlp.linear_fc1.weight", b + "mlp.fc1.weight"),
-            (a + "mlp.linear_fc2.weight", b + "mlp.fc2.weight"),
-        ]
+        pairs += _block_pairs(a, b, ((a + "self_attention.linear_qkv.weight", b + "attn.qkv.weight"),
+                                     (a + "self_attention.linear_proj.weight", b + "attn.proj.weight")))
     for name in ("in_proj.weight", "in_proj.bias", "norm.weight", "norm.bias",
                  "out_proj.weight", "out_proj.bias"):
         pairs.append(("head." + name, "head." + name))
     for i in range(m.head_num_layers):
         a, b = f"head.blocks.{i}.", f"head.blocks.{i}."
-        pairs += [
-            (a + "input_layernorm.weight", b + "norm_1.weight"),
-            (a + "input_layernorm.bias", b + "norm_1.bias"),
-            (a + "pre_mlp_layernorm.weight", b + "norm_2.weight"),
-            (a + "pre_mlp_layernorm.bias", b + "norm_2.bias"),
-            (a + "mlp.linear_fc1.weight", b + "mlp.fc1.weight"),
-            (a + "mlp.linear_fc2.weight", b + "mlp.fc2.weight"),
-        ]
+        pairs += _block_pairs(a, b)   # the head's identity attention has no weights
     return pairs
 
 
