@@ -75,6 +75,23 @@ def _die_with_torchrun() -> None:
 
 _write_queue_managers: list = []
 
+# TEST ONLY (tests/test_slurm_watchdog.py): AIM_TEST_ONLY_BLOCK_RANK_AT_STEP="R:S" makes global
+# rank R sleep forever before it starts step S+1, while its peers go on into that step's first
+# collective and wait there: a rank blocked outside a collective that the hang watchdog must
+# name. Unset (always, outside that test) it does nothing.
+_TEST_ONLY_BLOCK = os.environ.get("AIM_TEST_ONLY_BLOCK_RANK_AT_STEP", "")
+
+
+def _test_only_block(step: int) -> None:
+    if not _TEST_ONLY_BLOCK:
+        return
+    rank, at = (int(x) for x in _TEST_ONLY_BLOCK.split(":"))
+    if step == at and dist.get_rank() == rank:
+        log.warning("AIM_TEST_ONLY_BLOCK_RANK_AT_STEP: rank %d blocks before step %d (test hook)",
+                    rank, step + 1)
+        while True:
+            time.sleep(1)
+
 
 def signal_proof_checkpoint_writer() -> None:
     """megatron's checkpoint writer gets its results through a multiprocessing Manager that it
@@ -342,24 +359,35 @@ class Trainer:
         if stop_file:
             Path(stop_file).unlink(missing_ok=True)
         if self.is_logger:
-            marker = Path(os.environ.get("AIM_REQUEUE_MARKER") or self.out_dir / "requeue.json")
+            marker = self._requeue_marker()
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps({"step": self.step, "signal": self.stop_signal,
                                           "time": time.time()}) + "\n")
+        # No rank exits before the marker exists: srun --kill-on-bad-exit kills the other tasks
+        # as soon as one exits 3, and rank 0 killed before writing it would leave a job that
+        # checkpointed but is not requeued.
+        dist.barrier()
         return EXIT_REQUEUE
+
+    def _requeue_marker(self) -> Path:
+        return Path(os.environ.get("AIM_REQUEUE_MARKER") or self.out_dir / "requeue.json")
 
     def run(self) -> int:
         t = self.cfg.train
         signal_proof_checkpoint_writer()
         self._open_logs()
-        self._start_watchdog()
         if self._stop_requested():  # signalled during start-up or resume
             return self._checkpoint_for_requeue()
+        # After the ranks' first meeting: start-up (imports, build, resume) takes each rank its own
+        # time (rank 0 also measures a matmul for the summary), and a timeout sized for steps
+        # would fire on a rank that waits there for a slower peer (seen with 8 s under load).
+        self._start_watchdog()
         progress = self._progress()
         window: list[dict] = []
         window_start = time.perf_counter()
         first_step = self.step
         while self.step < t.train_iters:
+            _test_only_block(self.step)
             window.append(self.train_step())
             if self.watchdog is not None:
                 self.watchdog.beat(self.step)
@@ -465,7 +493,10 @@ class Trainer:
         timeout = self.cfg.train.hang_timeout_s or float(os.environ.get("AIM_HANG_TIMEOUT_S") or 0)
         if timeout > 0:
             self.watchdog = HangWatchdog(self.out_dir / "heartbeat", dist.get_rank(),
-                                         dist.get_world_size(), timeout).start()
+                                         dist.get_world_size(), timeout,
+                                         marker=self._requeue_marker())
+            self.watchdog.beat(self.step)   # the resume step
+            self.watchdog.start()
 
     def close(self) -> None:
         if self.watchdog is not None:
