@@ -350,9 +350,13 @@ def launch_local(sweep_dir: str | Path, trainer: str = "aim_megatron.train", npr
 def slurm_array_script(sweep_dir: str | Path, repo: str | Path, nodes: Optional[int] = None,
                        gpus_per_node: Optional[int] = None, time: str = "04:00:00",
                        partition: Optional[str] = None, account: Optional[str] = None,
-                       max_parallel: Optional[int] = None, extra: Sequence[str] = ()) -> str:
+                       max_parallel: Optional[int] = None, extra: Sequence[str] = (),
+                       fit_args: Sequence[str] = ()) -> str:
     """An sbatch job array, one task per run of runs.txt, each delegating to
     examples/slurm/multi_node_torchrun.sbatch (env, preflight, signal forwarding, requeue).
+    A task whose run finished runs ``scaling_sweep.py finish`` (lib.sh's AIM_AFTER_SUCCESS):
+    collect, and once every run is complete, fit with ``fit_args``; so the last task to finish
+    leaves results.json, fit.json and the plots, however often tasks were requeued.
     Nodes and GPUs default to the sweep's world_size (up to 8 GPUs per node); gpus_per_node=0
     means CPU nodes: no GPU request (a CPU partition refuses any) and world_size / nodes CPU
     workers per node."""
@@ -391,6 +395,10 @@ def slurm_array_script(sweep_dir: str | Path, repo: str | Path, nodes: Optional[
               f"export AIM_REPO={shlex.quote(str(repo))}",
               'export AIM_OUTPUT_DIR="$run_dir"',
               f"export AIM_GPUS_PER_NODE={workers}",
+              "# shellcheck disable=SC2016  # expanded by the bash that lib.sh runs it in",
+              "export AIM_AFTER_SUCCESS=" + shlex.quote(
+                  '"${AIM_PYTHON:-python}" tools/scaling_sweep.py finish '
+                  + shlex.join([str(sweep_dir), *fit_args])),
               'cd "$AIM_REPO"',
               'exec bash examples/slurm/multi_node_torchrun.sbatch "$run_dir/config.yaml"', ""]
     return "\n".join(lines)

@@ -262,3 +262,41 @@ def test_sbatch_usage_error(fake_slurm):
     r = subprocess.run(["bash", str(SLURM_DIR / "single_node.sbatch"), "missing.yaml"], env=env,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "usage: sbatch" in r.stderr
+
+
+def test_sweep_finish_fits_once_when_every_run_is_complete(tmp_path):
+    """scaling_sweep.py finish (what each array task runs after its run): collect; fit only once
+    every run is complete; not again while fit.json is newer than every run; bad input: one line."""
+    from test_scaling import FAKE_TRAINER, SPEC
+    import yaml
+    spec, trainer, out = tmp_path / "spec.yaml", tmp_path / "fake_trainer.py", tmp_path / "sweep"
+    spec.write_text(yaml.safe_dump(SPEC))
+    trainer.write_text(FAKE_TRAINER)
+
+    def tool(*args, **env):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / "scaling_sweep.py"), *map(str, args)],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={**os.environ, "AIM_ROOT": str(ROOT), **env})
+
+    assert tool("plan", spec, "--out", out).returncode == 0
+    last = sorted(p.name for p in out.iterdir() if p.is_dir())[-1]
+    assert tool("launch", out, "--local", "--trainer", trainer, "--keep-going", FAKE_FAIL=last).returncode == 1
+    r = tool("finish", out, "--bootstrap", "0")
+    assert r.returncode == 0 and f"8/9 runs complete; not fitting yet (waiting for {last})" in r.stdout, r.stdout
+    assert (out / "results.json").exists() and not (out / "fit.json").exists()
+    assert tool("launch", out, "--local", "--trainer", trainer).returncode == 0
+    r = tool("finish", out, "--bootstrap", "0")
+    assert r.returncode == 0 and "9/9 runs complete; fitting" in r.stdout and (out / "fit.json").exists(), r.stdout
+    r = tool("finish", out, "--bootstrap", "0")
+    assert r.returncode == 0 and "already fitted" in r.stdout, r.stdout
+    for argv, text in [(["finish", tmp_path / "nope"], "nope"),
+                       (["launch", out, "--slurm", "--fit-arg=--bogus"], "--bogus")]:
+        r = tool(*argv)
+        assert r.returncode == 1 and text in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    script = S_array(out)
+    assert "export AIM_AFTER_SUCCESS=" in script and "scaling_sweep.py finish" in script
+
+
+def S_array(out):
+    from aim_megatron import scaling as S
+    return S.slurm_array_script(out, ROOT, gpus_per_node=0, fit_args=["--intermediate"])

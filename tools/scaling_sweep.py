@@ -5,6 +5,7 @@
     python tools/scaling_sweep.py launch runs/sweep-tiny --local [--jobs 2] [--nproc 2] [--keep-going]
     python tools/scaling_sweep.py launch runs/sweep-tiny --slurm --gpus-per-node 8 [--submit]
     python tools/scaling_sweep.py collect runs/sweep-tiny
+    python tools/scaling_sweep.py finish runs/sweep-tiny   # collect; fit once every run is complete
     python tools/scaling_sweep.py fit runs/sweep-tiny [--bootstrap 200] [--intermediate]
     python tools/scaling_sweep.py predict runs/sweep-tiny/fit.json --compute 1e21 3e21
 
@@ -50,7 +51,8 @@ def cmd_launch(args) -> int:
         return S.launch_local(args.sweep_dir, args.trainer, args.nproc, args.keep_going, args.dry_run,
                               jobs=args.jobs)
     script = S.slurm_array_script(args.sweep_dir, REPO, args.nodes, args.gpus_per_node, args.time,
-                                  args.partition, args.account, args.max_parallel, args.sbatch_arg)
+                                  args.partition, args.account, args.max_parallel, args.sbatch_arg,
+                                  args.fit_arg)
     path = Path(args.sweep_dir) / "sweep.sbatch"
     path.write_text(script)
     (Path(args.sweep_dir) / "logs").mkdir(exist_ok=True)
@@ -77,6 +79,30 @@ def cmd_collect(args) -> int:
     done = sum(r.complete for r in results)
     print(f"{done}/{len(results)} runs complete; wrote {js} and {cs}")
     return 0
+
+
+def cmd_finish(args) -> int:
+    """What each Slurm array task runs after its run finished: collect; once every run is
+    complete, fit. A lock keeps two tasks that finish together from fitting at once."""
+    import fcntl
+    sweep = Path(args.sweep_dir)
+    S.load_manifest(sweep)  # a clear error before a lock file is created in a wrong directory
+    with open(sweep / ".finish.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = _results(args.sweep_dir)
+        missing = [r.name for r in results if not r.complete]
+        if missing:
+            print(f"{len(results) - len(missing)}/{len(results)} runs complete; not fitting yet "
+                  f"(waiting for {', '.join(missing)}): the last run to finish fits")
+            return 0
+        fit = sweep / S.FIT
+        if fit.exists() and all(fit.stat().st_mtime >= (sweep / r.name / "metrics.jsonl").stat().st_mtime
+                                for r in results):
+            print(f"{len(results)}/{len(results)} runs complete; {fit} is newer than every run: "
+                  f"already fitted")
+            return 0
+        print(f"{len(results)}/{len(results)} runs complete; fitting")
+        return cmd_fit(args)
 
 
 def _results(sweep_dir: str) -> list[S.RunResult]:
@@ -192,6 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-parallel", type=int, help="--slurm: array tasks running at once")
     p.add_argument("--sbatch-arg", action="append", default=[],
                    help="--slurm: extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
+    p.add_argument("--fit-arg", action="append", default=[],
+                   help="--slurm: an option of the fit that the last array task to finish runs, "
+                        "e.g. --fit-arg=--intermediate (repeatable)")
     p.add_argument("--submit", action="store_true", help="--slurm: also run sbatch")
     p.set_defaults(func=cmd_launch)
 
@@ -199,17 +228,21 @@ def main(argv=None) -> int:
     p.add_argument("sweep_dir")
     p.set_defaults(func=cmd_collect)
 
-    p = sub.add_parser("fit", help="fit L(N, D) and L(C); write fit.json, fit.png, residuals.png")
-    p.add_argument("sweep_dir")
-    p.add_argument("--metric", choices=["val_loss", "loss"], default="val_loss",
-                   help="final val loss, or the mean of the last 5 logged train losses")
-    p.add_argument("--intermediate", action="store_true",
-                   help="also fit every intermediate val loss (biased under a cosine schedule)")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss")
-    p.add_argument("--plots", help="directory for the PNGs (default: the sweep directory)")
-    p.set_defaults(func=cmd_fit)
+    for name, func, text in (
+            ("fit", cmd_fit, "fit L(N, D) and L(C); write fit.json, fit.png, residuals.png"),
+            ("finish", cmd_finish, "collect; once every run is complete, also fit (what each Slurm "
+                                   "array task runs when its run is done)")):
+        p = sub.add_parser(name, help=text)
+        p.set_defaults(func=func)
+        p.add_argument("sweep_dir")
+        p.add_argument("--metric", choices=["val_loss", "loss"], default="val_loss",
+                       help="final val loss, or the mean of the last 5 logged train losses")
+        p.add_argument("--intermediate", action="store_true",
+                       help="also fit every intermediate val loss (biased under a cosine schedule)")
+        p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (0: none)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss")
+        p.add_argument("--plots", help="directory for the PNGs (default: the sweep directory)")
 
     p = sub.add_parser("predict", help="compute-optimal N, D and loss for FLOPs budgets")
     p.add_argument("fit", help="fit.json written by 'fit'")
@@ -218,6 +251,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_predict)
 
     args = ap.parse_args(argv)
+    if getattr(args, "fit_arg", None):   # a bad fit option fails now, not after the whole sweep
+        ap.parse_args(["finish", args.sweep_dir, *args.fit_arg])
     for name in ("nproc", "jobs", "nodes", "gpus_per_node", "max_parallel"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "gpus_per_node" else 1):

@@ -6,7 +6,8 @@
 # runs/$SLURM_JOB_NAME: resubmitting under the same job name resumes), AIM_PYTHON (python),
 # AIM_GPUS_PER_NODE (workers per node; default: the GPUs Slurm allocated, else 1 CPU worker),
 # AIM_SRUN_ARGS (extra srun flags, e.g. pyxis --container-image=...), AIM_PREFLIGHT (1: check the
-# layout with tools/slurm_layout.py before starting).
+# layout with tools/slurm_layout.py before starting), AIM_AFTER_SUCCESS (a command run in a one-task
+# srun step after the training finished with exit 0; the sweep array uses it to collect and fit).
 # GPUs are requested at submission (sbatch --gpus-per-node=8 ...), so the scripts also run on
 # CPU-only partitions, where any gres request is refused.
 
@@ -108,15 +109,21 @@ aim_run_requeueable() {
   done
   trap - USR1 TERM
   rm -f "$AIM_STOP_FILE"
-  # The marker says the trainer checkpointed on a signal (it exits 3, but torchrun and srun
-  # report their own codes after a signal): requeue whatever the step returned.
+  # The marker says the trainer checkpointed on a signal, or its hang watchdog fired (it exits 3,
+  # but torchrun and srun report their own codes): requeue whatever the step returned.
   if [ "$rc" -eq 3 ] || [ -f "$AIM_REQUEUE_MARKER" ]; then
-    echo "$(date -Is) step exited $rc after a checkpoint ($(cat "$AIM_REQUEUE_MARKER" 2>/dev/null ||
+    echo "$(date -Is) step exited $rc, requeue marker ($(cat "$AIM_REQUEUE_MARKER" 2>/dev/null ||
       echo no marker)): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" || true
     return 0
   fi
   echo "$(date -Is) training step exited with code $rc"
+  if [ "$rc" -eq 0 ] && [ -n "${AIM_AFTER_SUCCESS:-}" ]; then
+    # e.g. a sweep's array task: the last run to finish collects the sweep and fits it.
+    echo "$(date -Is) running AIM_AFTER_SUCCESS: $AIM_AFTER_SUCCESS"
+    srun --nodes=1 --ntasks=1 "${AIM_SRUN_EXTRA[@]}" bash -c "$AIM_AFTER_SUCCESS" ||
+      echo "$(date -Is) AIM_AFTER_SUCCESS failed (exit $?); the training itself finished"
+  fi
   return "$rc"
 }
 
