@@ -293,10 +293,10 @@ def test_sweep_finish_fits_once_when_every_run_is_complete(tmp_path):
                        (["launch", out, "--slurm", "--fit-arg=--bogus"], "--bogus")]:
         r = tool(*argv)
         assert r.returncode == 1 and text in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    script = S_array(out)
+    script = _array_script(out)
     assert "export AIM_AFTER_SUCCESS=" in script and "scaling_sweep.py finish" in script
 
 
-def S_array(out):
+def _array_script(out):
     from aim_megatron import scaling as S
     return S.slurm_array_script(out, ROOT, gpus_per_node=0, fit_args=["--intermediate"])
