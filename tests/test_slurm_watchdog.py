@@ -1,6 +1,8 @@
-"""Hang detection (aim_megatron/watchdog.py) on 2 gloo ranks: SIGSTOP one rank mid-run; the other
-must notice within the timeout, dump its stacks, name the stuck rank and exit with the requeue
-code, and torchrun must leave no process behind."""
+"""Hang detection (aim_megatron/watchdog.py) on 2 gloo ranks under torchrun: (1) SIGSTOP one rank
+mid-run: the other must notice within the timeout, dump its stacks, name the stuck rank and exit
+with the requeue code, and torchrun must leave no process behind; (2) one rank sleeps before a step
+(test-only hook) while the other waits inside that step's collective: both must dump their stacks,
+name the sleeping rank and exit 3. The same under a real Slurm job: tests/test_slurm_real.py."""
 import json
 import os
 import signal
