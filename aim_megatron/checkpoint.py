@@ -210,10 +210,14 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
             f"checkpoint {path} does not match this config:\n  " + "\n  ".join(problems)
             + f"\nUse the checkpoint's config (in {path / META_FILE}) or a new train.output_dir.")
 
-    if optimizer is not None:
+    # An import writes the weights alone (streaming.save_weights_only): the optimizer and LR
+    # schedule stay as freshly built, which is what a step-0 checkpoint holds anyway.
+    weights_only = bool(meta.get("weights_only"))
+    with_optimizer = optimizer is not None and not weights_only
+    if with_optimizer:
         _prepare_optimizer_for_load(optimizer)
     state = model_sharded_state_dict(model)
-    if optimizer is not None:
+    if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPT_METADATA)
     try:
         # RETURN_UNEXPECTED: entries this model asks for that the checkpoint lacks come back
@@ -233,11 +237,17 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     for i, chunk in enumerate(model):
         key = "model" if len(model) == 1 else f"model{i}"
         _load_module(_unwrap(chunk), loaded[key], path)
-    if optimizer is not None:
+    if with_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_step(optimizer)
-    if scheduler is not None:
+    if scheduler is not None and not weights_only:
         scheduler.load_state_dict(loaded["scheduler"])
+    if weights_only:
+        if optimizer is not None:
+            optimizer.reload_model_params()  # main (fp32) params from the loaded weights
+            log.warning("checkpoint %s holds weights only (an import): the optimizer state and LR "
+                        "schedule start fresh at step %d", path, loaded["trainer"]["step"])
+        return {"trainer": loaded["trainer"], "data": None, "meta": meta}
 
     same_layout = meta.get("layout") == _layout()
     if same_layout:

@@ -190,6 +190,11 @@ def _name_pairs(m: ModelConfig) -> list[tuple[str, str]]:
     return pairs
 
 
+def name_map(m: ModelConfig) -> dict[str, str]:
+    """Megatron full name -> reference (released) name, in the released state dict's order."""
+    return dict(_name_pairs(m))
+
+
 def _rename(sd: dict[str, torch.Tensor], pairs, qkv_fn, side: str, strict: bool, heads: int):
     out = {}
     for src, dst in pairs:

@@ -66,7 +66,7 @@ def assert_identical(a: dict, b: dict):
 def test_import_tp2_then_export_is_bit_identical(imported_tp2):
     sd, dst = imported_tp2
     meta = checkpoint.read_meta(checkpoint.resolve(dst / "checkpoints"))
-    assert meta["layout"]["tp"] == 2 and meta["step"] == 0
+    assert meta["config"]["parallel"]["tp"] == 2 and meta["step"] == 0 and meta["weights_only"]
     # released models use LayerNorm eps 1e-6 (pre-training default 1e-5): the import records it
     cfg = checkpoint.config_from_checkpoint(checkpoint.resolve(dst / "checkpoints"), convert.SINGLE_PROCESS)
     assert cfg.model.layernorm_eps == 1e-6
@@ -77,7 +77,7 @@ def test_import_tp2_then_export_is_bit_identical(imported_tp2):
 
 def test_import_pp2_then_export_is_bit_identical(tmp_path):
     sd, dst = import_at(tmp_path, ["parallel.pp=2"])
-    assert checkpoint.read_meta(checkpoint.resolve(dst / "checkpoints"))["layout"]["pp"] == 2
+    assert checkpoint.read_meta(checkpoint.resolve(dst / "checkpoints"))["config"]["parallel"]["pp"] == 2
     assert_identical(sd, export(dst))
 
 

@@ -2,14 +2,17 @@
 """Convert between the official AIM v1 torch format and aim-megatron checkpoints.
 
 Import an official state dict (.pth/.pt or .safetensors; released key names, qkv rows all q,
-then k, then v) into a dist checkpoint, at any layout; run with the target number of processes:
+then k, then v) into a dist checkpoint for any layout (one process; torchrun works too):
 
-    torchrun --nproc_per_node 4 tools/convert_checkpoint.py import --src aim_600m.pth \\
+    python tools/convert_checkpoint.py import --src aim_600m.pth \\
         --dst runs/aim600m model.preset=aim-600M parallel.tp=2 parallel.pp=2 \\
         [--config base.yaml] [--probe-out runs/aim600m/probe/official.pt --probe-layers best]
 
 writes runs/aim600m/checkpoints/step_00000000 (+ latest): `aim-pretrain` continues from it with
-train.output_dir=runs/aim600m and `aim-probe` probes it. The config must describe the file's
+train.output_dir=runs/aim600m and `aim-probe` probes it. The import streams: one process
+(rank 0 of a torchrun job; the others have nothing to do) reads the file tensor by tensor and
+writes a weights-only checkpoint, stored by global key, so it loads into any layout; the
+optimizer and LR schedule start fresh from it. The config must describe the file's
 architecture (the shapes are checked; the head count is not visible in the shapes: official
 models use 128-dim heads). Released files hold no pre-training head: the imported one is freshly
 initialised from train.seed, identically for every layout. The file's attentive-probe head
@@ -21,12 +24,19 @@ Export to the official format (one process, any source layout):
         --out aim.pth [--probe runs/x/probe/attentive-last/probe.pt]
 
 writes the trunk (fp32) and, with --probe, our probe head as head.*; .safetensors also works.
+Export reads the checkpoint one tensor at a time (aim_megatron/streaming.py): memory stays at
+about one layer's largest tensor whatever the model size. ``import_official``/``export_official``
+are the in-memory paths (a model in the target layout), kept as the reference the tests and
+benchmarks/conversion_memory.py compare the streaming ones against.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
+import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,12 +46,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import checkpoint, cli, parallel  # noqa: E402
-from aim_megatron.config import PRESETS, Config, ModelConfig, load_config  # noqa: E402
+from aim_megatron import checkpoint, cli, parallel, streaming  # noqa: E402
+from aim_megatron.config import PRESETS, Config, ModelConfig, load_config, validate  # noqa: E402
 from aim_megatron.probe import (AttentiveProbe, ProbeConfig, load_probe, resolve_layers,  # noqa: E402
                                 save_probe)
 from aim_megatron.reference import PredictionHead, ReferenceAIM, megatron_to_reference  # noqa: E402
-from aim_megatron.reference import reference_to_megatron  # noqa: E402
+from aim_megatron.reference import name_map, reference_to_megatron  # noqa: E402
 
 log = logging.getLogger("convert")
 
@@ -78,6 +88,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ConvertError(f"{path} does not hold a state dict of tensors")
     return sd
+
+
+class OfficialFile:
+    """An official state dict read lazily: ``meta`` holds its tensors' shapes (meta device),
+    ``get`` reads one (streaming.TensorFile: plain reads at the tensor's offset). A legacy
+    (non-zip) torch.save file has no offsets: it is read whole, as before."""
+
+    def __init__(self, path: Path):
+        try:
+            self._file = streaming.TensorFile(path)
+            self.meta, self.get = self._file.meta, self._file.get
+        except (RuntimeError, AttributeError, ValueError, KeyError, OSError, pickle.UnpicklingError):
+            sd = read_state_dict(path)
+            self.meta, self.get = {k: v.to("meta") for k, v in sd.items()}, sd.__getitem__
+        if not isinstance(self.meta, dict) or not all(torch.is_tensor(v) for v in self.meta.values()):
+            raise ConvertError(f"{path} does not hold a state dict of tensors")
 
 
 def split_official(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
@@ -131,21 +157,39 @@ def fresh_pretraining_head(m: ModelConfig, seed: int) -> dict[str, torch.Tensor]
     normal(init_std), fc2 scaled by 1/sqrt(2 * blocks); norms 1, biases 0 in both), so every
     target layout imports the same head."""
     g = torch.Generator().manual_seed(seed)
+    return {HEAD_PREFIX + name: _draw_head_tensor(name, shape, m, g) for name, shape in _head_shapes(m).items()}
+
+
+def _head_shapes(m: ModelConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in PredictionHead(m).state_dict().items()}
+        return {k: v.shape for k, v in PredictionHead(m).state_dict().items()}
+
+
+def _draw_head_tensor(name: str, shape: torch.Size, m: ModelConfig, g: torch.Generator) -> torch.Tensor:
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if "norm" in name:
+        return torch.ones(shape)
+    if m.init_method == "official":
+        bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+        return (2 * torch.rand(shape, generator=g) - 1) * bound
+    std = m.init_std / math.sqrt(2 * m.head_num_layers) if name.endswith("fc2.weight") else m.init_std
+    return std * torch.randn(shape, generator=g)
+
+
+def lazy_pretraining_head(m: ModelConfig, seed: int) -> dict[str, callable]:
+    """``fresh_pretraining_head`` one tensor at a time, in any order: the generator state before
+    each tensor is recorded (one pass of draws, each dropped at once) and replayed on demand."""
+    def replay(name: str, shape: torch.Size, state: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator()
+        g.set_state(state)
+        return _draw_head_tensor(name, shape, m, g)
+
+    g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, shape in shapes.items():
-        if name.endswith("bias"):
-            t = torch.zeros(shape)
-        elif "norm" in name:
-            t = torch.ones(shape)
-        elif m.init_method == "official":
-            bound = math.sqrt(6.0 / (shape[0] + shape[1]))
-            t = (2 * torch.rand(shape, generator=g) - 1) * bound
-        else:
-            std = m.init_std / math.sqrt(2 * m.head_num_layers) if name.endswith("fc2.weight") else m.init_std
-            t = std * torch.randn(shape, generator=g)
-        out[HEAD_PREFIX + name] = t
+    for name, shape in _head_shapes(m).items():
+        out[HEAD_PREFIX + name] = functools.partial(replay, name, shape, g.get_state())
+        _draw_head_tensor(name, shape, m, g)  # advance g exactly as the eager version does
     return out
 
 
@@ -159,19 +203,7 @@ def import_official(src: Path, dst: Path, cfg: Config, probe_out: Optional[Path]
         raise ConvertError(f"{dst} already holds checkpoints; import into a new --dst")
     trunk_sd, head_sd = split_official(read_state_dict(src))
     check_trunk(trunk_sd, cfg.model)
-    probe = None
-    if probe_out is not None:  # checked on every rank before any collective
-        if not head_sd:
-            raise ConvertError(f"--probe-out given but {src} holds no head.* probe weights")
-        if probe_layers is None:
-            raise ConvertError("--probe-out needs --probe-layers (last, best or indices such as 14,15,16): "
-                               "the file does not record which blocks its probe was trained on")
-        layers = resolve_layers(probe_layers, cfg.model)
-        probe = AttentiveProbe(cfg.model.hidden_size, cfg.model.num_heads, head_sd["linear.weight"].shape[0])
-        try:
-            probe.load_state_dict(head_sd)
-        except RuntimeError as exc:
-            raise ConvertError(f"head.* of {src} is not an attentive probe for this trunk: {exc}") from exc
+    probe, layers = _file_probe(src, head_sd, cfg.model, probe_out, probe_layers)
     full = reference_to_megatron({**trunk_sd, **fresh_pretraining_head(cfg.model, cfg.train.seed)},
                                  cfg.model)
 
@@ -186,28 +218,89 @@ def import_official(src: Path, dst: Path, cfg: Config, probe_out: Optional[Path]
         log.info("imported %s (%d trunk tensors) into %s (tp=%d pp=%d, %d processes); the "
                  "pre-training head is freshly initialised", src, len(trunk_sd), out,
                  cfg.parallel.tp, cfg.parallel.pp, dist.get_world_size())
-        if probe is not None:
-            probe_out.parent.mkdir(parents=True, exist_ok=True)
-            save_probe(probe_out, probe, ProbeConfig(kind="attentive", layers=layers), layers,
-                       cfg.model, class_names=[])
-            log.info("wrote the file's probe head (layers %s) to %s", layers, probe_out)
-        elif head_sd:
-            log.info("the file's head.* probe weights were not imported (pass --probe-out)")
+        _write_probe(probe, layers, probe_out, head_sd, cfg.model)
     dist.barrier()
     return out
+
+
+def _file_probe(src: Path, head_sd: dict, m: ModelConfig, probe_out: Optional[Path],
+                probe_layers: Optional[str]) -> tuple[Optional[AttentiveProbe], Optional[list[int]]]:
+    """The file's attentive probe for --probe-out, checked before anything is written."""
+    if probe_out is None:
+        return None, None
+    if not head_sd:
+        raise ConvertError(f"--probe-out given but {src} holds no head.* probe weights")
+    if probe_layers is None:
+        raise ConvertError("--probe-out needs --probe-layers (last, best or indices such as 14,15,16): "
+                           "the file does not record which blocks its probe was trained on")
+    layers = resolve_layers(probe_layers, m)
+    probe = AttentiveProbe(m.hidden_size, m.num_heads, head_sd["linear.weight"].shape[0])
+    try:
+        probe.load_state_dict(head_sd)
+    except RuntimeError as exc:
+        raise ConvertError(f"head.* of {src} is not an attentive probe for this trunk: {exc}") from exc
+    return probe, layers
+
+
+def _write_probe(probe: Optional[AttentiveProbe], layers, probe_out: Optional[Path], head_sd: dict,
+                 m: ModelConfig) -> None:
+    if probe is not None:
+        probe_out.parent.mkdir(parents=True, exist_ok=True)
+        save_probe(probe_out, probe, ProbeConfig(kind="attentive", layers=layers), layers, m, class_names=[])
+        log.info("wrote the file's probe head (layers %s) to %s", layers, probe_out)
+    elif head_sd:
+        log.info("the file's head.* probe weights were not imported (pass --probe-out)")
+
+
+def import_streamed(src: Path, dst: Path, cfg: Config, probe_out: Optional[Path] = None,
+                    probe_layers: Optional[str] = None) -> Path:
+    """One process, any target layout: a weights-only checkpoint written tensor by tensor from
+    the file, with the pre-training head drawn as ``import_official`` draws it."""
+    if (dst / "checkpoints" / checkpoint.LATEST_FILE).exists():
+        raise ConvertError(f"{dst} already holds checkpoints; import into a new --dst")
+    source = OfficialFile(src)
+    trunk_meta, head_meta = split_official(source.meta)
+    check_trunk(trunk_meta, cfg.model)
+    head_sd = {k: source.get(HEAD_PREFIX + k) for k in head_meta}  # the probe: small
+    probe, layers = _file_probe(src, head_sd, cfg.model, probe_out, probe_layers)
+    fresh = lazy_pretraining_head(cfg.model, cfg.train.seed)
+    official = name_map(cfg.model)
+
+    def produce(name: str) -> torch.Tensor:
+        ref = official[name]
+        t = fresh[ref]() if ref in fresh else source.get(ref)
+        return reference_to_megatron({ref: t}, cfg.model, strict=False)[name]  # qkv rows per head
+
+    out = streaming.save_weights_only(dst / "checkpoints", 0, cfg, produce, {"step": 0, "skipped_steps": 0})
+    log.info("imported %s (%d trunk tensors) into %s as weights only (loads at any layout; this "
+             "config: tp=%d pp=%d); the pre-training head is freshly initialised", src, len(trunk_meta),
+             out, cfg.parallel.tp, cfg.parallel.pp)
+    _write_probe(probe, layers, probe_out, head_sd, cfg.model)
+    return out
+
+
+def export_streamed(src: Path, out: Path, probe_path: Optional[Path] = None) -> tuple[int, int]:
+    """``export_official`` written tensor by tensor: one process, memory of about one tensor."""
+    cfg = checkpoint.config_from_checkpoint(src)
+    probe_sd = _probe_tensors(probe_path, cfg, src)
+    return streaming.export_checkpoint(src, out, "official", lambda n: n.startswith(TRUNK_PREFIXES), probe_sd)
+
+
+def _probe_tensors(probe_path: Optional[Path], cfg: Config, src: Path) -> dict[str, torch.Tensor]:
+    if probe_path is None:
+        return {}
+    probe, record = load_probe(probe_path)
+    theirs = (record["model"]["hidden_size"], record["model"]["num_heads"])
+    if theirs != (cfg.model.hidden_size, cfg.model.num_heads):
+        raise ConvertError(f"probe {probe_path} was trained on a width-{theirs[0]}, {theirs[1]}-head "
+                           f"trunk; {src} has width {cfg.model.hidden_size}, {cfg.model.num_heads} heads")
+    return {HEAD_PREFIX + k: v for k, v in probe.state_dict().items()}
 
 
 def export_official(src: Path, probe_path: Optional[Path] = None) -> dict[str, torch.Tensor]:
     """Official-format tensors of a checkpoint's trunk (+ a probe head), on every rank."""
     cfg = checkpoint.config_from_checkpoint(src, SINGLE_PROCESS)
-    probe_sd = {}
-    if probe_path is not None:
-        probe, record = load_probe(probe_path)
-        theirs = (record["model"]["hidden_size"], record["model"]["num_heads"])
-        if theirs != (cfg.model.hidden_size, cfg.model.num_heads):
-            raise ConvertError(f"probe {probe_path} was trained on a width-{theirs[0]}, {theirs[1]}-head "
-                               f"trunk; {src} has width {cfg.model.hidden_size}, {cfg.model.num_heads} heads")
-        probe_sd = {HEAD_PREFIX + k: v for k, v in probe.state_dict().items()}
+    probe_sd = _probe_tensors(probe_path, cfg, src)
     parallel.initialize(cfg)
     model = parallel.build_model(cfg, wrap_ddp=False)
     checkpoint.load(src, cfg, model)
@@ -267,16 +360,19 @@ def main(argv=None) -> int:
             raise ConvertError(f"--probe {args.probe}: no such file; pass the probe.pt aim-probe wrote")
 
     def body() -> None:
+        if int(os.environ.get("RANK", 0)) != 0:  # one process does it all; under torchrun, rank 0
+            return
         check_args()
         if args.command == "import":
             # Released AIM v1 models use LayerNorm eps 1e-6 (pre-training: 1e-5); an override wins.
             cfg = load_config(args.config, [RELEASED_LAYERNORM_EPS, *args.overrides,
                                             f"train.output_dir={args.dst}"])
-            import_official(args.src, args.dst, cfg, args.probe_out, args.probe_layers)
+            # The target layout must be one that can run (the import itself needs one process).
+            validate(cfg, int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp)))
+            import_streamed(args.src, args.dst, cfg, args.probe_out, args.probe_layers)
         else:
-            sd = export_official(args.src, args.probe)
-            if dist.get_rank() == 0:
-                checkpoint.write_state_dict(sd, args.out)
+            tensors, params = export_streamed(args.src, args.out, args.probe)
+            log.info("exported %d tensors (%.1fM parameters) to %s", tensors, params / 1e6, args.out)
 
     # ValueError covers ConvertError and ConfigError.
     return parallel.run_cli("convert_checkpoint", body,

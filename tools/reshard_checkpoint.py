@@ -1,17 +1,21 @@
 #!/usr/bin/env python
 """Convert an aim-megatron checkpoint to another parallel layout, or export its weights.
 
-Reshard (model + optimizer, offline; run with the *target* number of processes):
+Reshard (model + optimizer, offline, one process; torchrun works too):
 
-    torchrun --nproc_per_node 4 tools/reshard_checkpoint.py reshard \\
+    python tools/reshard_checkpoint.py reshard \\
         --src runs/a/checkpoints/step_00001000 --dst runs/b parallel.tp=2 parallel.pp=2
 
 writes runs/b/checkpoints/step_00001000 (+ latest), from which `aim-pretrain` with
-train.output_dir=runs/b and the same layout resumes. Any TP/PP/VP/DP layout can be the source
-or the target: the checkpoint stores tensors by global key and the distributed optimizer in
-megatron-core's fully reshardable format. The optimizer type (distributed or not) must match.
+train.output_dir=runs/b and the new layout resumes. The checkpoint stores every tensor by global
+key and the distributed optimizer in megatron-core's fully reshardable format, so its files
+serve any TP/PP/VP/DP layout as they are: the new directory hard-links them (copies across file
+systems) and records the new parallel settings in aim_meta.json; the load in the new layout
+reshards, and RNG and data-loader states restart from the sample position. Nothing is read into
+memory. The optimizer type (parallel.use_distributed_optimizer) must stay: its state is stored
+under other keys.
 
-Export a consolidated single-file state dict (one process, any source layout):
+Export a consolidated single-file state dict (one process, any source layout, tensor by tensor):
 
     python tools/reshard_checkpoint.py export --src .../step_00001000 --out trunk.safetensors \\
         [--names official|megatron] [--with-head]
@@ -21,57 +25,60 @@ Export a consolidated single-file state dict (one process, any source layout):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import checkpoint, cli, parallel  # noqa: E402
-from aim_megatron.config import ConfigError  # noqa: E402
-from aim_megatron.reference import megatron_to_reference  # noqa: E402
-from aim_megatron.train import build_scheduler  # noqa: E402
+from aim_megatron import checkpoint, cli, parallel, streaming  # noqa: E402
+from aim_megatron.config import ConfigError, validate  # noqa: E402
 
 log = logging.getLogger("reshard")
 
 
 def reshard(src: Path, dst: Path, overrides: list[str]) -> Path:
+    """Link the checkpoint's files into dst and record the new layout's config."""
+    meta = checkpoint.read_meta(src)
     cfg = checkpoint.config_from_checkpoint(src, overrides + [f"train.output_dir={dst}"])
-    parallel.initialize(cfg)
-    model = parallel.build_model(cfg)
-    optimizer = parallel.build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
-    restored = checkpoint.load(src, cfg, model, optimizer, scheduler)
-    step = restored["trainer"]["step"]
-    # Data-loader positions belong to the old data-parallel layout: the resumed run repositions
-    # its loader from the step count instead.
-    out = checkpoint.save(dst / "checkpoints", step, cfg, model, optimizer, scheduler,
-                          restored["trainer"], data_state=None)
-    if dist.get_rank() == 0:
-        log.info("resharded %s -> %s (tp=%d pp=%d vp=%s, %d processes)", src, out,
-                 cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp, dist.get_world_size())
-    return out
+    validate(cfg, int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp)))
+    saved = meta["config"]["parallel"]["use_distributed_optimizer"]
+    if cfg.parallel.use_distributed_optimizer != saved and not meta.get("weights_only"):
+        raise ConfigError(f"parallel.use_distributed_optimizer={saved} in {src}: the optimizer state of "
+                          f"the other optimizer type is stored under other keys; keep {saved}")
+    root = dst / "checkpoints"
+    final = root / src.name
+    if final.exists():
+        raise ConfigError(f"--dst {dst} already holds {final.name}; reshard into a new --dst")
+    tmp = root / f".tmp_{src.name}"
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in src.iterdir():
+        if f.name != checkpoint.META_FILE and f.is_file():
+            try:
+                os.link(f, tmp / f.name)  # checkpoints are never modified in place: sharing is safe
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    # "layout" stays the source's: the RNG and data-loader states in common.pt belong to it.
+    meta["config"] = cfg.to_dict()
+    checkpoint._write_atomic(tmp / checkpoint.META_FILE, json.dumps(meta, indent=2))
+    os.replace(tmp, final)
+    checkpoint._write_atomic(root / checkpoint.LATEST_FILE, final.name)
+    log.info("resharded %s -> %s (tp=%d pp=%d vp=%s; files linked, the load in that layout reshards)",
+             src, final, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vp)
+    return final
 
 
-def export(src: Path, out: Path, names: str, with_head: bool) -> dict[str, torch.Tensor]:
-    cfg = checkpoint.config_from_checkpoint(
-        src, ["parallel.tp=1", "parallel.pp=1", "parallel.vp=null",
-              "parallel.sequence_parallel=false", "parallel.trunk_layers_in_last_stage=null",
-              "parallel.use_distributed_optimizer=false"])
-    parallel.initialize(cfg)
-    model = parallel.build_model(cfg, wrap_ddp=False)
-    checkpoint.load(src, cfg, model)
-    full = parallel.gather_full_state_dict(model)
-    if names == "official":
-        full = megatron_to_reference(full, cfg.model)
-    if not with_head:
-        full = {k: v for k, v in full.items() if not k.startswith("head.")}
-    full = {k: v.contiguous() for k, v in full.items()}
-    checkpoint.write_state_dict(full, out, metadata={"model": str(cfg.model.preset), "names": names})
-    return full
+def export(src: Path, out: Path, names: str, with_head: bool) -> tuple[int, int]:
+    cfg = checkpoint.config_from_checkpoint(src)
+    written = streaming.export_checkpoint(src, out, names, lambda n: with_head or not n.startswith("head."),
+                                          metadata={"model": str(cfg.model.preset), "names": names})
+    log.info("exported %d tensors (%.1fM parameters) to %s", written[0], written[1] / 1e6, out)
+    return written
 
 
 def main(argv=None) -> int:
@@ -102,6 +109,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"--out {args.out}: name a .safetensors, .pt or .pth file")
 
     def body() -> None:
+        if int(os.environ.get("RANK", 0)) != 0:  # one process does it all; under torchrun, rank 0
+            return
         check_args()
         if args.command == "reshard":
             bad = [o for o in args.overrides if not o.startswith("parallel.")]

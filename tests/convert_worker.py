@@ -1,0 +1,49 @@
+"""In-memory conversion paths under torchrun, for comparing the streaming ones against them.
+
+    torchrun --nproc_per_node N tests/convert_worker.py import --src F --dst D key=value ...
+        the in-memory import (a model in the target layout, optimizer and all)
+    torchrun --nproc_per_node N tests/convert_worker.py dump --src STEP --out F.pt key=value ...
+        load STEP in the layout the overrides give and save the full weights (rank 0)
+"""
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aim_megatron import checkpoint, parallel  # noqa: E402
+from aim_megatron.config import load_config  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command", choices=["import", "dump"])
+    ap.add_argument("--src", type=Path, required=True)
+    ap.add_argument("--dst", type=Path)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_intermixed_args()
+    if args.command == "import":
+        spec = importlib.util.spec_from_file_location("convert", ROOT / "tools" / "convert_checkpoint.py")
+        convert = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(convert)
+        cfg = load_config(None, [convert.RELEASED_LAYERNORM_EPS, *args.overrides, f"train.output_dir={args.dst}"])
+        convert.import_official(args.src, args.dst, cfg)
+    else:
+        cfg = checkpoint.config_from_checkpoint(args.src, args.overrides)
+        parallel.initialize(cfg)
+        model = parallel.build_model(cfg, wrap_ddp=False)
+        checkpoint.load(args.src, cfg, model)
+        full = parallel.gather_full_state_dict(model)
+        if dist.get_rank() == 0:
+            torch.save(full, args.out)
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()
