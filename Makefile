@@ -15,8 +15,8 @@ demo: setup
 	PYTHON=$(PYTHON) bash examples/demo.sh
 
 # The AIM paper's findings at CPU scale (tools/findings.py, docs/findings.md): 6 variants x 3 seeds x
-# 400 steps and 39 probes; not yet run end to end - estimated 2.5-3 h on a quiet 2-core machine
-# (--probe-test 2000 or --probe-train 5000 trims the probes). Piece by piece: --only base,raw; then report.
+# 400 steps of the demo model with 7x7 patches, 24 probes; about 1 hour on a quiet 2-core machine
+# (measured 2026-12-03). Piece by piece: tools/findings.py run --only base,raw; then report.
 findings: setup
 	PYTHON=$(PYTHON) bash -c 'for s in train test; do [ -f data/fashion-mnist/$$s/manifest.json ] || \
 		$(PYTHON) tools/make_shards.py --fashion-mnist $$s --out data/fashion-mnist/$$s; done'
