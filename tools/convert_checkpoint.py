@@ -28,6 +28,20 @@ Export reads the checkpoint one tensor at a time (aim_megatron/streaming.py): me
 about one layer's largest tensor whatever the model size. ``import_official``/``export_official``
 are the in-memory paths (a model in the target layout), kept as the reference the tests and
 benchmarks/conversion_memory.py compare the streaming ones against.
+
+Checkpoints of Apple's pre-training code (apple/ml-l3m) with --format l3m, both ways, the
+pre-training head included (aim_megatron/l3m_format.py describes the format):
+
+    python tools/convert_checkpoint.py import --format l3m \
+        --src l3m_out/checkpoint_99999.pth --dst runs/aim600m model.preset=aim-600M parallel.tp=2
+    python tools/convert_checkpoint.py export --format l3m --src runs/aim600m/checkpoints/step_00001000 \
+        --out aim600m_l3m.pth
+
+--src may also be the checkpoint_N/ directory (torch.distributed.checkpoint) or a torch.save'd
+model state dict; the import is weights only like any other. Unlike the aim-v1 paths, l3m
+conversion is not streamed: the import reads the whole l3m model state dict into memory, and the
+export gathers every tensor before torch.save({"model": ...}) (ml-l3m's key order), which
+ml-l3m's model.checkpoint loads.
 """
 from __future__ import annotations
 
@@ -46,7 +60,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import checkpoint, cli, parallel, streaming  # noqa: E402
+from aim_megatron import checkpoint, cli, l3m_format, parallel, streaming  # noqa: E402
 from aim_megatron.config import PRESETS, Config, ModelConfig, load_config, validate  # noqa: E402
 from aim_megatron.probe import (AttentiveProbe, ProbeConfig, load_probe, resolve_layers,  # noqa: E402
                                 save_probe)
@@ -78,10 +92,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
-    try:  # mmap: a 7B file is not read into memory by every rank
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        try:  # mmap: a 7B file is not read into memory by every rank
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError) as exc:  # e.g. ml-l3m's pickled OmegaConf cfg
+        raise ConvertError(f"{path} holds more than tensors ({str(exc).splitlines()[0][:80]}); an "
+                           f"ml-l3m checkpoint_N.pth imports with --format l3m") from exc
     for wrapper in ("state_dict", "model"):  # some releases nest the weights
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
@@ -108,6 +126,9 @@ class OfficialFile:
 
 def split_official(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(trunk tensors, probe-head tensors with the head. prefix removed)."""
+    if any(".attn.q_proj." in k or k.startswith("preprocessor.blocks.") for k in sd):
+        raise ConvertError("the file holds ml-l3m names (preprocessor.blocks.0.*, separate attn.q_proj/"
+                           "k_proj/v_proj), not the released AIM v1 ones; import it with --format l3m")
     trunk = {k: v for k, v in sd.items() if k.startswith(TRUNK_PREFIXES)}
     head = {k[len(HEAD_PREFIX):]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
     other = sorted(set(sd) - set(trunk) - {HEAD_PREFIX + k for k in head})
@@ -253,11 +274,14 @@ def _write_probe(probe: Optional[AttentiveProbe], layers, probe_out: Optional[Pa
 
 
 def import_streamed(src: Path, dst: Path, cfg: Config, probe_out: Optional[Path] = None,
-                    probe_layers: Optional[str] = None) -> Path:
+                    probe_layers: Optional[str] = None, fmt: str = "aim-v1") -> Path:
     """One process, any target layout: a weights-only checkpoint written tensor by tensor from
-    the file, with the pre-training head drawn as ``import_official`` draws it."""
+    the file, with the pre-training head drawn as ``import_official`` draws it. ``fmt="l3m"``:
+    an ml-l3m checkpoint, read whole into memory, whose pre-training head is imported too."""
     if (dst / "checkpoints" / checkpoint.LATEST_FILE).exists():
         raise ConvertError(f"{dst} already holds checkpoints; import into a new --dst")
+    if fmt == "l3m":
+        return _import_l3m(src, dst, cfg)
     source = OfficialFile(src)
     trunk_meta, head_meta = split_official(source.meta)
     check_trunk(trunk_meta, cfg.model)
@@ -279,6 +303,40 @@ def import_streamed(src: Path, dst: Path, cfg: Config, probe_out: Optional[Path]
     return out
 
 
+def _import_l3m(src: Path, dst: Path, cfg: Config) -> Path:
+    """An ml-l3m checkpoint (trunk and pre-training head) as a weights-only checkpoint; the l3m
+    model state dict is held in memory (not streamed), each megatron tensor made from it."""
+    ref = l3m_format.to_reference(l3m_format.read(src), cfg.model)
+    trunk = {k: v for k, v in ref.items() if k.startswith(TRUNK_PREFIXES)}
+    check_trunk(trunk, cfg.model)
+    official = name_map(cfg.model)
+
+    def produce(name: str) -> torch.Tensor:
+        r = official[name]
+        return reference_to_megatron({r: ref[r]}, cfg.model, strict=False)[name]
+
+    out = streaming.save_weights_only(dst / "checkpoints", 0, cfg, produce, {"step": 0, "skipped_steps": 0})
+    log.info("imported %s (%d trunk tensors) into %s as weights only (loads at any layout; this "
+             "config: tp=%d pp=%d); the pre-training head is the file's", src, len(trunk), out,
+             cfg.parallel.tp, cfg.parallel.pp)
+    return out
+
+
+def export_l3m(src: Path, out: Path) -> tuple[int, int]:
+    """An ml-l3m model state dict (trunk and pre-training head) of a checkpoint, in ml-l3m's key
+    order, written as torch.save({"model": ...}); the tensors are gathered in memory first."""
+    cfg = checkpoint.config_from_checkpoint(src)
+    l3m_format.check_config(cfg.model)
+    slots = streaming.checkpoint_slots(cfg)
+    reader = streaming.DistCheckpointReader(src, slots)
+    official = name_map(cfg.model)
+    got = reader.read(list(official))
+    ref = megatron_to_reference(got, cfg.model, strict=False)
+    sd = l3m_format.from_reference({k: v.float() for k, v in ref.items()}, cfg.model)
+    l3m_format.write(sd, out)
+    return len(sd), sum(v.numel() for v in sd.values())
+
+
 def export_streamed(src: Path, out: Path, probe_path: Optional[Path] = None) -> tuple[int, int]:
     """``export_official`` written tensor by tensor: one process, memory of about one tensor."""
     cfg = checkpoint.config_from_checkpoint(src)
@@ -297,14 +355,19 @@ def _probe_tensors(probe_path: Optional[Path], cfg: Config, src: Path) -> dict[s
     return {HEAD_PREFIX + k: v for k, v in probe.state_dict().items()}
 
 
-def export_official(src: Path, probe_path: Optional[Path] = None) -> dict[str, torch.Tensor]:
-    """Official-format tensors of a checkpoint's trunk (+ a probe head), on every rank."""
+def export_official(src: Path, probe_path: Optional[Path] = None, fmt: str = "aim-v1") -> dict[str, torch.Tensor]:
+    """Official-format tensors of a checkpoint's trunk (+ a probe head), on every rank;
+    ``fmt="l3m"``: an ml-l3m model state dict (trunk and pre-training head)."""
     cfg = checkpoint.config_from_checkpoint(src, SINGLE_PROCESS)
+    if fmt == "l3m":
+        l3m_format.check_config(cfg.model)
     probe_sd = _probe_tensors(probe_path, cfg, src)
     parallel.initialize(cfg)
     model = parallel.build_model(cfg, wrap_ddp=False)
     checkpoint.load(src, cfg, model)
     official = megatron_to_reference(parallel.gather_full_state_dict(model), cfg.model)
+    if fmt == "l3m":
+        return l3m_format.from_reference(official, cfg.model)
     official = {k: v.contiguous() for k, v in official.items() if k.startswith(TRUNK_PREFIXES)}
     return {**official, **probe_sd}
 
@@ -328,7 +391,10 @@ def main(argv=None) -> int:
     ap = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     i = sub.add_parser("import", help="official AIM v1 state dict -> aim-megatron checkpoint")
-    i.add_argument("--src", type=Path, required=True, help="official .pth/.pt or .safetensors")
+    i.add_argument("--src", type=Path, required=True,
+                   help="official .pth/.pt or .safetensors; with --format l3m: checkpoint_N.pth or checkpoint_N/")
+    i.add_argument("--format", dest="fmt", choices=("aim-v1", "l3m"), default="aim-v1",
+                   help="aim-v1: released AIM v1 weights (default); l3m: an apple/ml-l3m checkpoint")
     i.add_argument("--dst", type=Path, required=True, help="run directory (checkpoints/ inside)")
     i.add_argument("--config", help="YAML config of the model/run (see examples/configs/)")
     i.add_argument("--probe-out", type=Path, help="write the file's head.* probe here")
@@ -338,11 +404,24 @@ def main(argv=None) -> int:
     e.add_argument("--src", type=Path, required=True, help="a step_* checkpoint directory")
     e.add_argument("--out", type=Path, required=True, help=".pth or .safetensors")
     e.add_argument("--probe", type=Path, help="probe.pt written by aim-probe: exported as head.*")
+    e.add_argument("--format", dest="fmt", choices=("aim-v1", "l3m"), default="aim-v1",
+                   help="aim-v1: released AIM v1 trunk (default); l3m: apple/ml-l3m model state dict")
     args = ap.parse_args(argv)
 
     def check_args() -> None:
         """Paths checked before any process group or model exists."""
         if args.command == "import":
+            if args.fmt == "l3m":
+                if args.probe_out is not None or args.probe_layers is not None:
+                    raise ConvertError("--probe-out/--probe-layers: ml-l3m pre-training checkpoints hold no "
+                                       "probe head; drop them (aim-probe trains one)")
+                if not args.src.exists():
+                    raise ConvertError(f"--src {args.src}: no such file or directory; pass ml-l3m's "
+                                       f"checkpoint_N.pth or checkpoint_N/ from its output_dir")
+                return
+            if args.src.is_dir():
+                raise ConvertError(f"--src {args.src} is a directory; an ml-l3m checkpoint_N/ directory "
+                                   f"imports with --format l3m, released weights are one .pth/.safetensors file")
             if not args.src.is_file():
                 raise ConvertError(f"--src {args.src}: no such file; pass the official AIM v1 .pth/.pt "
                                    f"or .safetensors file")
@@ -356,6 +435,10 @@ def main(argv=None) -> int:
             raise ConvertError(f"--src {args.src}: not a checkpoint directory; pass RUN/checkpoints/step_*")
         if args.out.suffix not in (".pth", ".pt", ".safetensors") or args.out.is_dir():
             raise ConvertError(f"--out {args.out}: name a .pth, .pt or .safetensors file")
+        if args.fmt == "l3m" and args.out.suffix == ".safetensors":
+            raise ConvertError(f"--out {args.out}: ml-l3m loads torch.save files; name a .pth or .pt file")
+        if args.fmt == "l3m" and args.probe is not None:
+            raise ConvertError("--probe: ml-l3m's AIM v1 model has no probe head; export without --probe")
         if args.probe is not None and not args.probe.is_file():
             raise ConvertError(f"--probe {args.probe}: no such file; pass the probe.pt aim-probe wrote")
 
@@ -365,11 +448,15 @@ def main(argv=None) -> int:
         check_args()
         if args.command == "import":
             # Released AIM v1 models use LayerNorm eps 1e-6 (pre-training: 1e-5); an override wins.
-            cfg = load_config(args.config, [RELEASED_LAYERNORM_EPS, *args.overrides,
-                                            f"train.output_dir={args.dst}"])
+            # ml-l3m pre-trains with eps 1e-5, the default.
+            eps = [RELEASED_LAYERNORM_EPS] if args.fmt == "aim-v1" else []
+            cfg = load_config(args.config, [*eps, *args.overrides, f"train.output_dir={args.dst}"])
             # The target layout must be one that can run (the import itself needs one process).
             validate(cfg, int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp)))
-            import_streamed(args.src, args.dst, cfg, args.probe_out, args.probe_layers)
+            import_streamed(args.src, args.dst, cfg, args.probe_out, args.probe_layers, args.fmt)
+        elif args.fmt == "l3m":
+            tensors, params = export_l3m(args.src, args.out)
+            log.info("exported %d ml-l3m tensors (%.1fM parameters) to %s", tensors, params / 1e6, args.out)
         else:
             tensors, params = export_streamed(args.src, args.out, args.probe)
             log.info("exported %d tensors (%.1fM parameters) to %s", tensors, params / 1e6, args.out)
