@@ -238,6 +238,7 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
         key = "model" if len(model) == 1 else f"model{i}"
         _load_module(_unwrap(chunk), loaded[key], path)
     if with_optimizer:
+        _restore_zero_adam_step(loaded["optimizer"])
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_step(optimizer)
     if scheduler is not None and not weights_only:
@@ -323,6 +324,20 @@ def _prepare_optimizer_for_load(optimizer) -> None:
 
         opt._set_main_param_and_optimizer_states = set_states_without_step
         opt._aim_step_patch = True
+
+
+def _restore_zero_adam_step(state: Any) -> None:
+    """megatron-core 0.16 saves AdamW's step once for all params (``common_step``) and leaves it
+    out when it is 0 (``if step:``), which torch AdamW then fails to load (KeyError 'step'):
+    a saved per-param Adam state without a step was written at step 0."""
+    if isinstance(state, dict):
+        if "exp_avg" in state and "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        for value in state.values():
+            _restore_zero_adam_step(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            _restore_zero_adam_step(value)
 
 
 def _unshare_adam_step(optimizer) -> None:
