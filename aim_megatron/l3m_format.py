@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
+from .reference import state_dict_mismatch
 
 PRE = "preprocessor.blocks.0."
 POS_KEYS = (PRE + "pos_embed", "head.decoder_pos_embed")
@@ -163,17 +164,13 @@ def check(sd: dict[str, torch.Tensor], m: ModelConfig) -> None:
     if "trunk.blocks.0.attn.qkv.weight" in sd or "preprocessor.patchifier.proj.weight" in sd:
         raise L3MFormatError("the file holds released AIM v1 names (fused attn.qkv, "
                              "preprocessor.patchifier.*), not ml-l3m's; import it with --format aim-v1")
-    for key, shape in expected.items():
-        if key in sd and tuple(sd[key].shape) != shape:
-            raise L3MFormatError(f"shape mismatch at {key}: the file has {list(sd[key].shape)}, the "
-                                 f"configured model expects {list(shape)}; the file fits {describe(sd)}")
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing keys, e.g. {missing[:3]}" if missing else "",
-                 f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}" if unexpected else ""]
+    shape, keys = state_dict_mismatch(sd, expected)
+    if shape:
+        raise L3MFormatError(f"{shape}; the file fits {describe(sd)}")
+    if keys:
         raise L3MFormatError(f"the file is not the configured ml-l3m AIM v1 ({m.num_layers} trunk blocks, "
                              f"{m.head_num_layers} head blocks, no biases in attention or MLP): "
-                             f"{'; '.join(p for p in parts if p)}; the file fits {describe(sd)}")
+                             f"{keys}; the file fits {describe(sd)}")
 
 
 # --------------------------------------------------------------------------- conversion

@@ -195,6 +195,20 @@ def name_map(m: ModelConfig) -> dict[str, str]:
     return dict(_name_pairs(m))
 
 
+def state_dict_mismatch(sd: dict, expected: dict[str, tuple]) -> tuple[str, str]:
+    """How a file's state dict differs from the expected ``{key: shape}``, for the converters'
+    one-line errors: (the first key present with another shape, else ""; the missing and
+    unexpected keys, else ""). Both "" when it fits."""
+    for key, shape in expected.items():
+        if key in sd and tuple(sd[key].shape) != shape:
+            return (f"shape mismatch at {key}: the file has {list(sd[key].shape)}, the configured model "
+                    f"expects {list(shape)}"), ""
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    parts = [f"{len(missing)} missing keys, e.g. {missing[:3]}" if missing else "",
+             f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}" if unexpected else ""]
+    return "", "; ".join(p for p in parts if p)
+
+
 def _rename(sd: dict[str, torch.Tensor], pairs, qkv_fn, side: str, strict: bool, heads: int):
     out = {}
     for src, dst in pairs:

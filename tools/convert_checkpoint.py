@@ -65,7 +65,7 @@ from aim_megatron.config import PRESETS, Config, ModelConfig, load_config, valid
 from aim_megatron.probe import (AttentiveProbe, ProbeConfig, load_probe, resolve_layers,  # noqa: E402
                                 save_probe)
 from aim_megatron.reference import PredictionHead, ReferenceAIM, megatron_to_reference  # noqa: E402
-from aim_megatron.reference import name_map, reference_to_megatron  # noqa: E402
+from aim_megatron.reference import name_map, reference_to_megatron, state_dict_mismatch  # noqa: E402
 
 log = logging.getLogger("convert")
 
@@ -159,17 +159,12 @@ def check_trunk(sd: dict[str, torch.Tensor], m: ModelConfig) -> None:
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ReferenceAIM(m).state_dict().items()
                     if k.startswith(TRUNK_PREFIXES)}
-    for key, shape in expected.items():
-        if key in sd and tuple(sd[key].shape) != shape:
-            raise ConvertError(f"shape mismatch at {key}: the file has {list(sd[key].shape)}, the "
-                               f"configured model expects {list(shape)}. The file looks like "
-                               f"{describe_trunk(sd)}")
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing keys, e.g. {missing[:3]}" if missing else "",
-                 f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}" if unexpected else ""]
+    shape, keys = state_dict_mismatch(sd, expected)
+    if shape:
+        raise ConvertError(f"{shape}. The file looks like {describe_trunk(sd)}")
+    if keys:
         raise ConvertError(f"the file does not match the configured {m.num_layers}-block trunk: "
-                           f"{'; '.join(p for p in parts if p)}. The file looks like {describe_trunk(sd)}")
+                           f"{keys}. The file looks like {describe_trunk(sd)}")
 
 
 def fresh_pretraining_head(m: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
