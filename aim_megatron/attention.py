@@ -22,6 +22,7 @@ for full bidirectional attention, which every kernel runs as one unmasked SDPA c
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -29,6 +30,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -70,6 +72,21 @@ def resolve_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> 
                            "(torch>=2.9, sm80+) and bf16/fp16 activations (train.params_dtype=bf16); "
                            "set model.attention_kernel=auto or masked")
     return requested
+
+
+# On CPU in bf16/fp16, torch's fused (flash) SDPA kernel is 2-2.6x slower than its math path for
+# short sequences (fwd+bwd, 49-100 tokens, head dim 32-64; even at 196, slower from 256 tokens:
+# benchmarks/cpu_attention.py). CPU runs of AIM are the demo and tests, so short sequences it is.
+CPU_HALF_MATH_MAX_TOKENS = 128
+
+
+def sdpa_backend_context(q: torch.Tensor):
+    """torch's math SDPA path for short half-precision sequences on CPU (``q``: [b, h, s, d]);
+    torch's own choice of kernel everywhere else."""
+    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-2] <= CPU_HALF_MATH_MAX_TOKENS):
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)
@@ -271,5 +288,6 @@ class PrefixCausalAttention(MegatronModule):
             out = flex_prefix_causal(q, k, v, prefix_len, self.softmax_scale)
         else:
             allowed = None if prefix_len is None else _dense_mask_once(prefix_len, s)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
+            with sdpa_backend_context(q):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

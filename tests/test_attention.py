@@ -210,6 +210,40 @@ def test_core_attention_module_layouts(kernel):
         module(*sbhd, ~prefix_causal_allowed(PREFIX, S))
 
 
+def test_cpu_half_precision_uses_the_math_path_and_matches_the_reference():
+    """bf16 on CPU: short sequences run torch's math SDPA (the fused CPU kernel is 2-2.6x slower
+    there, benchmarks/cpu_attention.py); forward and gradients still equal the float64 reference
+    to bf16 precision, with the prefix-causal mask and bidirectionally."""
+    cfg = load_config(None, TINY)
+    trunk_config, _ = transformer_configs(cfg)
+    module = PrefixCausalAttention(trunk_config, 1, None, "self", kernel="masked")
+    q, k, v = qkv()
+    ref = masked_reference(q, k, v)
+    (ref * ref).sum().backward()
+    ref_grads = [t.grad.clone() for t in (q, k, v)]
+    half = [t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_math_sdp_enabled() and not torch._C._get_flash_sdp_enabled())
+        return real_sdpa(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention.F, "scaled_dot_product_attention", spy)
+        out = module(*(t.transpose(0, 1) for t in half), PREFIX).float()
+    assert seen == [True]                                           # math only, flash off
+    expected = ref.transpose(0, 1).reshape(S, len(PREFIX), H * D).float()
+    torch.testing.assert_close(out, expected, rtol=0.02, atol=0.02)
+    (out * out).sum().backward()
+    for got, want in zip(half, ref_grads):
+        torch.testing.assert_close(got.grad.float(), want.float(), rtol=0.05, atol=0.05)
+    long_q = torch.zeros(1, H, attention.CPU_HALF_MATH_MAX_TOKENS + 1, D, dtype=torch.bfloat16)
+    for other in (q.detach().float().transpose(1, 2), long_q):      # fp32, or a long sequence
+        with attention.sdpa_backend_context(other):
+            assert torch._C._get_flash_sdp_enabled()               # torch's own choice
+
+
 @pytest.mark.parametrize("kernel,cache", [("varlen", "_varlen_plan_once"), ("masked", "_dense_mask_once")])
 def test_masks_are_built_once_per_micro_batch(kernel, cache, monkeypatch):
     """Every layer (4 here), forward and backward, shares one build per micro-batch; a new
