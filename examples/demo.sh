@@ -2,7 +2,7 @@
 # The README's main job, on a CPU: pre-train a small AIM on Fashion-MNIST, plot its loss curves,
 # then compare an attentive probe on its frozen trunk with one on a randomly initialised trunk and
 # with logistic regression and k-NN on the raw pixels of the same images.
-# Run through `make demo` (which installs everything first). About 15 minutes on 2 cores.
+# Run through `make demo` (which installs everything first). About 16 minutes on a quiet 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
