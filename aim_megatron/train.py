@@ -529,11 +529,13 @@ STEP_EFFICIENCY = 0.3
 ABSURD_STEP_SECONDS = 600.0
 
 
-def measured_matmul_flops(seconds: float = 0.1) -> tuple[float, str]:
-    """FLOP/s of a square matmul on this process's device, measured for about ``seconds``."""
+def measured_matmul_flops(seconds: float = 0.1, params_dtype: str = "fp32") -> tuple[float, str]:
+    """FLOP/s of a square matmul on this process's device, measured for about ``seconds``: bf16 on
+    a GPU (its training precision), the run's train.params_dtype on a CPU (bf16 is ~2x fp32 there)."""
     device = cpu_shims.device()
     cuda = device.type == "cuda"
-    n, dtype = (4096, torch.bfloat16) if cuda else (256, torch.float32)
+    n = 4096 if cuda else 256
+    dtype = torch.bfloat16 if cuda or params_dtype == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -563,7 +565,7 @@ def startup_summary(cfg: Config, world: int, matmul_flops: Optional[tuple[float,
     from .sizing import GIB, estimate_memory, head_params, trunk_params
     m, p, t = cfg.model, cfg.parallel, cfg.train
     dp = p.data_parallel_size(world)
-    rate, device = matmul_flops or measured_matmul_flops()
+    rate, device = matmul_flops or measured_matmul_flops(params_dtype=t.params_dtype)
     step_flops = train_flops_per_image(m) * t.global_batch_size
     step_s = step_flops / (world * rate * STEP_EFFICIENCY)
     lines = [

@@ -100,3 +100,36 @@ def test_yaml_shapes_and_values_are_config_errors(content, overrides, msg, tmp_p
     with pytest.raises(ConfigError) as info:
         load_config(path, overrides)
     assert msg in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("cuda,cuda_bf16,cpu_bf16,expected", [
+    (False, False, True, "bf16"),    # CPU with AVX512-BF16/AMX: bf16 trains ~2x faster
+    (False, False, False, "fp32"),   # older CPU: bf16 would be emulated, slower than fp32
+    (False, False, None, "fp32"),    # torch without oneDNN's bf16 probe
+    (True, True, False, "bf16"),     # Ampere or newer GPU decides, whatever the host CPU
+    (True, False, True, "fp32"),     # pre-Ampere GPU
+])
+def test_params_dtype_auto_picks_the_fast_dtype(monkeypatch, cuda, cuda_bf16, cpu_bf16, expected):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    if cpu_bf16 is None:
+        monkeypatch.delattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", raising=False)
+        monkeypatch.setattr(type(torch.ops.mkldnn), "__getattr__",
+                            lambda self, name: (_ for _ in ()).throw(AttributeError(name)))
+    else:
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
+    cfg = load_config(None, ["train.params_dtype=auto"])
+    assert cfg.train.params_dtype == expected        # resolved once, so checkpoints record it
+    assert load_config(None, ["train.params_dtype=fp32"]).train.params_dtype == "fp32"
+    cfg.validate()
+
+
+def test_every_shipped_config_loads_and_validates():
+    from conftest import ROOT
+    paths = sorted((ROOT / "examples").rglob("configs/*.yaml"))
+    assert len(paths) >= 6, paths
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.train.params_dtype in ("fp32", "bf16"), path   # "auto" is resolved on load
+        cfg.validate(world_size=cfg.parallel.tp * cfg.parallel.pp)
