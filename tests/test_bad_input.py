@@ -129,7 +129,7 @@ RANGE = {
     "train.adam_eps": ("0", [], "> 0"),
     "train.clip_grad": ("-1", [], "0 turns clipping off"),
     "train.warmup_fraction": ("1.5", [], "within [0, 1]"),
-    "train.params_dtype": ("fp16", [], "'fp32' or 'bf16'"),
+    "train.params_dtype": ("fp16", [], "'fp32', 'bf16' or 'auto'"),
     "train.fp8": ("e5m2", [], "null, 'hybrid' or 'e4m3'"),
     "train.fp8_recipe": ("mxfp8", [], "'delayed' or 'tensorwise'"),
     "train.fp8_amax_history_len": ("0", [], ">= 1"),
