@@ -153,7 +153,8 @@ class TrainConfig:
     warmup_fraction: float = 0.025
     # "fp32", "bf16" (bf16 mixed precision, fp32 master weights) or "auto": bf16 where this machine
     # has fast bf16 matmuls (a bf16-capable GPU, or a CPU with AVX512-BF16/AMX), else fp32.
-    # "auto" is resolved when the config is built, so checkpoints record the dtype actually used.
+    # "auto" is settled where the run starts (resolve_params_dtype), on the machine that trains, so
+    # checkpoints record the dtype used and a sweep planned on a login node keeps "auto".
     params_dtype: str = "fp32"
     # FP8 matmuls through Transformer Engine (H100/H200 only): null, "hybrid" (E4M3 forward,
     # E5M2 gradients) or "e4m3"; recipe "delayed" (amax history) or "tensorwise" (current scaling).
@@ -322,10 +323,23 @@ def _check_sections(data: Any, where: str) -> dict:
 
 def config_from_dict(data: dict) -> Config:
     data = _check_sections(data, "a config")
-    cfg = Config(**{name: _build_section(name, data.get(name)) for name in _SECTIONS})
+    return Config(**{name: _build_section(name, data.get(name)) for name in _SECTIONS})
+
+
+def resolve_params_dtype(cfg: Config) -> None:
+    """Settle train.params_dtype=auto for the machine this process runs on (at the start of a run)."""
     if cfg.train.params_dtype == "auto":
         cfg.train.params_dtype = fastest_params_dtype()
-    return cfg
+
+
+def torch_params_dtype(params_dtype: str):
+    """The torch dtype of the weights; "auto" must have been settled by resolve_params_dtype."""
+    import torch
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if params_dtype not in dtypes:
+        raise ConfigError(f"train.params_dtype={params_dtype!r} is not settled to fp32 or bf16; "
+                          f"call resolve_params_dtype(cfg) where the run starts")
+    return dtypes[params_dtype]
 
 
 def fastest_params_dtype() -> str:

@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .attention import PrefixCausalAttention
-from .config import Config, ModelConfig
+from .config import Config, ModelConfig, torch_params_dtype
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def transformer_configs(cfg: Config) -> tuple[TransformerConfig, TransformerConf
     """megatron-core configs for the trunk and for the prediction head."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if t.params_dtype == "bf16" else torch.float32
+    dtype = torch_params_dtype(t.params_dtype)
     common = dict(
         tensor_model_parallel_size=p.tp,
         sequence_parallel=p.sequence_parallel,

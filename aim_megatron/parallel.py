@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from . import cpu_shims
-from .config import Config, ConfigError, num_microbatches, validate
+from .config import Config, ConfigError, num_microbatches, torch_params_dtype, validate
 from .model import TE_NORM_KEYS, AIMModel, build_model_chunk, loss_mask, select_backend
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def build_optimizer(cfg: Config, model: list[torch.nn.Module]):
         adam_eps=t.adam_eps,
         clip_grad=t.clip_grad,
         bf16=t.params_dtype == "bf16",
-        params_dtype=torch.bfloat16 if t.params_dtype == "bf16" else torch.float32,
+        params_dtype=torch_params_dtype(t.params_dtype),
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, model,

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import (Config, ConfigError, ModelConfig, load_config, num_microbatches,
-                     trunk_layers_per_stage, validate)
+                     resolve_params_dtype, trunk_layers_per_stage, validate)
 from .flops import train_flops_per_image as aim_train_flops_per_image
 
 GIB = 1024 ** 3
@@ -372,7 +372,9 @@ def resolve_config(config: str | Path | None = None, preset: str | None = None,
         extra.insert(0, f"model.preset={preset}")
     if config is None and preset is None:
         raise ConfigError("give --config CFG.yaml or --preset NAME")
-    return load_config(config, extra)
+    cfg = load_config(config, extra)
+    resolve_params_dtype(cfg)   # "auto": estimate for this machine's dtype
+    return cfg
 
 
 def check_layout(cfg: Config, world_size: int, gpus_per_node: int) -> list[str]:

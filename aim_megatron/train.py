@@ -116,7 +116,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from . import checkpoint, cli, cpu_shims, parallel
-from .config import Config, ConfigError, load_config, num_microbatches
+from .config import Config, ConfigError, load_config, num_microbatches, resolve_params_dtype
 from .flops import device_peak_tflops, train_flops_per_image
 from . import data
 from .watchdog import HangWatchdog
@@ -574,7 +574,7 @@ def startup_summary(cfg: Config, world: int, matmul_flops: Optional[tuple[float,
         f"{m.image_size}px images in {m.num_patches} patches",
         f"{t.global_batch_size} images per step = micro-batch {t.micro_batch_size} x "
         f"{num_microbatches(cfg, world)} micro-batches x dp {dp}; layout tp={p.tp} pp={p.pp} "
-        f"vp={p.vp or 1} dp={dp} on {world} process(es); {t.train_iters} steps",
+        f"vp={p.vp or 1} dp={dp} on {world} process(es); {t.train_iters} steps in {t.params_dtype}",
         f"{step_flops / 1e12:,.3g} TFLOP per step; estimated {_duration(step_s)} per step and "
         f"{_duration(step_s * t.train_iters)} for the run ({device}; {STEP_EFFICIENCY:.0%} of it assumed)",
     ]
@@ -648,6 +648,7 @@ def _main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        resolve_params_dtype(cfg)   # "auto": this machine's fast dtype, recorded in checkpoints
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
         preflight(cfg)
         world = parallel.initialize(cfg)

@@ -119,9 +119,15 @@ def test_params_dtype_auto_picks_the_fast_dtype(monkeypatch, cuda, cuda_bf16, cp
                             lambda self, name: (_ for _ in ()).throw(AttributeError(name)))
     else:
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
+    from aim_megatron.config import resolve_params_dtype
     cfg = load_config(None, ["train.params_dtype=auto"])
-    assert cfg.train.params_dtype == expected        # resolved once, so checkpoints record it
-    assert load_config(None, ["train.params_dtype=fp32"]).train.params_dtype == "fp32"
+    assert cfg.train.params_dtype == "auto"           # kept until the run starts (sweeps write it on)
+    cfg.validate()
+    resolve_params_dtype(cfg)
+    assert cfg.train.params_dtype == expected         # resolved once, so checkpoints record it
+    fixed = load_config(None, ["train.params_dtype=fp32"])
+    resolve_params_dtype(fixed)
+    assert fixed.train.params_dtype == "fp32"
     cfg.validate()
 
 
@@ -131,5 +137,11 @@ def test_every_shipped_config_loads_and_validates():
     assert len(paths) >= 6, paths
     for path in paths:
         cfg = load_config(path)
-        assert cfg.train.params_dtype in ("fp32", "bf16"), path   # "auto" is resolved on load
+        assert cfg.train.params_dtype in ("fp32", "bf16", "auto"), path
         cfg.validate(world_size=cfg.parallel.tp * cfg.parallel.pp)
+
+
+def test_unsettled_auto_dtype_cannot_build_a_model():
+    from aim_megatron.config import torch_params_dtype
+    with pytest.raises(ConfigError, match="call resolve_params_dtype"):
+        torch_params_dtype("auto")

@@ -308,6 +308,22 @@ def test_plan_writes_resolved_configs(sweep):
     assert config_from_dict(data).to_dict()["model"] == data["model"]
 
 
+def test_auto_dtype_reaches_the_nodes_that_train(sweep, monkeypatch):
+    # Planned on a machine without fast bf16 (a login node), a sweep of params_dtype=auto must not
+    # pin its runs to that machine's fp32: each run's config keeps "auto" for the node that trains it.
+    import torch
+    spec, _, out = sweep
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    sweep_spec = S.load_sweep(spec)
+    sweep_spec.base["train"]["params_dtype"] = "auto"
+    runs = S.plan_runs(sweep_spec)
+    S.write_runs(sweep_spec, runs, out)
+    for run in runs:
+        data = yaml.safe_load((out / run.name / "config.yaml").read_text())
+        assert data["train"]["params_dtype"] == "auto", run.name
+
+
 def test_plan_rejects_bad_grids(sweep, tmp_path):
     spec, _, out = sweep
     bad = tmp_path / "bad.yaml"

@@ -104,6 +104,18 @@ def test_bf16_on_cpu_tracks_fp32(tmp_path):
     assert abs(val_losses(tmp_path / "bf16")[-1] - val_losses(tmp_path / "fp32")[-1]) < 0.03
 
 
+def test_auto_dtype_is_settled_when_the_run_starts(tmp_path):
+    # train.params_dtype=auto becomes this machine's fast dtype, and the checkpoint records that
+    # dtype: the resume check compares it, and the probe rebuilds the trunk in it.
+    from aim_megatron import checkpoint
+    from aim_megatron.config import fastest_params_dtype
+    proc = pretrain(tmp_path, ["train.train_iters=2", "train.params_dtype=auto"])
+    expected = fastest_params_dtype()
+    meta = checkpoint.read_meta(tmp_path / "checkpoints" / "step_00000002")
+    assert meta["config"]["train"]["params_dtype"] == expected
+    assert f"2 steps in {expected}" in proc.stderr + proc.stdout
+
+
 def test_sigterm_checkpoints_and_resumes_exactly(tmp_path):
     full, preempted = tmp_path / "full", tmp_path / "preempted"
     run = ["train.train_iters=30"]

@@ -61,7 +61,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aim_megatron import checkpoint, cli, l3m_format, parallel, streaming  # noqa: E402
-from aim_megatron.config import PRESETS, Config, ModelConfig, load_config, validate  # noqa: E402
+from aim_megatron.config import PRESETS, Config, ModelConfig, load_config, resolve_params_dtype, validate  # noqa: E402
 from aim_megatron.probe import (AttentiveProbe, ProbeConfig, load_probe, resolve_layers,  # noqa: E402
                                 save_probe)
 from aim_megatron.reference import PredictionHead, ReferenceAIM, megatron_to_reference  # noqa: E402
@@ -446,6 +446,7 @@ def main(argv=None) -> int:
             # ml-l3m pre-trains with eps 1e-5, the default.
             eps = [RELEASED_LAYERNORM_EPS] if args.fmt == "aim-v1" else []
             cfg = load_config(args.config, [*eps, *args.overrides, f"train.output_dir={args.dst}"])
+            resolve_params_dtype(cfg)   # "auto": recorded in the checkpoint as this machine's dtype
             # The target layout must be one that can run (the import itself needs one process).
             validate(cfg, int(os.environ.get("WORLD_SIZE", cfg.parallel.tp * cfg.parallel.pp)))
             import_streamed(args.src, args.dst, cfg, args.probe_out, args.probe_layers, args.fmt)
