@@ -26,6 +26,6 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.4", "nvidia-dali-cuda120==2.4.0"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["aim-pretrain=aim_megatron.train:main",
-                                      "aim-probe=aim_megatron.probe:main"]},
+    entry_points={"console_scripts": ["aim-pretrain=aim_megatron.training.trainer:main",
+                                      "aim-probe=aim_megatron.evaluation.probe:main"]},
 )

@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_hidden_size=256, head_ffn_hidden_size=1024, head_num_layers=2,
     ),
 }
-# Prefix-causal attention kernels (aim_megatron/attention.py).
+# Prefix-causal attention kernels (aim_megatron/models/attention.py).
 ATTENTION_KERNELS = ("auto", "varlen", "flex", "masked")
 # Best probe layers per the paper/official code (1-based block indices 15..20 or 13..18).
 BEST_PROBE_LAYERS = {"aim-600M": range(14, 20), "aim-7B": range(14, 20),
@@ -85,7 +85,7 @@ class ModelConfig:
     init_std: float = 0.02
     # Layer implementation: "auto" picks Transformer Engine when it imports and a GPU is present.
     backend: str = "auto"
-    # Prefix-causal attention kernel (aim_megatron/attention.py): "auto" (flash varlen on a GPU in
+    # Prefix-causal attention kernel (aim_megatron/models/attention.py): "auto" (flash varlen on a GPU in
     # bf16, dense-mask SDPA otherwise), "varlen", "flex" or "masked" (the arbitrary-mask path).
     attention_kernel: str = "auto"
 

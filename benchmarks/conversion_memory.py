@@ -38,9 +38,9 @@ GB = 1e9
 WRITE_RANDOM = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from aim_megatron import streaming
+from aim_megatron.checkpoint import streaming
 from aim_megatron.config import load_config
-from aim_megatron.reference import ReferenceAIM
+from aim_megatron.models.reference import ReferenceAIM
 m = load_config(None, {overrides!r}).model
 with torch.device("meta"):
     shapes = {{k: (tuple(v.shape), torch.float32) for k, v in ReferenceAIM(m).state_dict().items()
@@ -67,7 +67,7 @@ sys.path.insert(0, {root!r})
 spec = importlib.util.spec_from_file_location("c", {root!r} + "/tools/convert_checkpoint.py")
 c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)
 from pathlib import Path
-from aim_megatron import checkpoint
+from aim_megatron.checkpoint import checkpointer as checkpoint
 checkpoint.write_state_dict(c.export_official(Path({src!r})), Path({out!r}))
 """
 
@@ -114,7 +114,7 @@ def model_bytes(overrides: list[str]) -> tuple[float, float]:
     """fp32 bytes of (trunk, pre-training head)."""
     import torch
     from aim_megatron.config import load_config
-    from aim_megatron.reference import ReferenceAIM
+    from aim_megatron.models.reference import ReferenceAIM
     m = load_config(None, overrides).model
     with torch.device("meta"):
         sd = ReferenceAIM(m).state_dict()

@@ -1,6 +1,6 @@
 """Prefix-causal attention on CPU: torch's fused (flash) SDPA kernel vs its math path, forward +
 backward, in the trainer's dtypes, measured in the same run. It backs the rule in
-aim_megatron/attention.py (``CPU_HALF_MATH_MAX_TOKENS``): in bf16, short sequences take the math path.
+aim_megatron/models/attention.py (``CPU_HALF_MATH_MAX_TOKENS``): in bf16, short sequences take the math path.
 
     python benchmarks/cpu_attention.py [--iters 5] [--threads 2]
 

@@ -29,26 +29,26 @@ import torch  # noqa: E402
 from aim_megatron.config import load_config  # noqa: E402
 from aim_megatron.data import dali_available  # noqa: E402
 
-# aim-600M pre-training (FACTS section 1): the trainer's own FLOP count (aim_megatron/flops.py).
+# aim-600M pre-training (FACTS section 1): the trainer's own FLOP count (aim_megatron/scaling/flops.py).
 H100_BF16_PEAK = 989e12
 MFU = 0.45
 
 
 def flops_per_image() -> tuple[float, str]:
     from aim_megatron.config import load_config
-    from aim_megatron.flops import train_flops_per_image
+    from aim_megatron.scaling.flops import train_flops_per_image
     model = load_config(None, ["model.preset=aim-600M"]).model
     flops = train_flops_per_image(model)
     text = ("FLOPs/image = 3 x forward matmul FLOPs of trunk + 0.41B head, attention counted over the\n"
-            f"              pairs the prefix-causal mask allows (aim_megatron/flops.py) = {flops:.4g}")
+            f"              pairs the prefix-causal mask allows (aim_megatron/scaling/flops.py) = {flops:.4g}")
     return flops, text
 
 
 def build_bench_shards(data_dir: Path, max_side: int, copies: int) -> tuple[Path, str]:
     """The Debian photos re-encoded once to ``max_side``, written ``copies`` times (a bigger epoch keeps
     DALI's end-of-epoch padding, at most one batch per epoch, from skewing the numbers)."""
-    from aim_megatron.data_samples import real_photo_files
-    from aim_megatron.data_shards import ShardWriter, iter_tar_images, shards_from_folder
+    from aim_megatron.data.local_datasets import real_photo_files
+    from aim_megatron.data.shards import ShardWriter, iter_tar_images, shards_from_folder
 
     base = data_dir / f"photos_max{max_side}"
     if not (base / "manifest.json").is_file():

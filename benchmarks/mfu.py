@@ -5,7 +5,7 @@ of the real trainer code, timed per configuration, against an explicit FLOP coun
     python benchmarks/mfu.py --presets aim-600M,aim-1B,aim-3B --micro-batch 16
     python benchmarks/mfu.py --sweep-micro-batch 4,8,16,32 --recompute none,selective,full
 
-FLOPs per step are counted from the architecture (aim_megatron/flops.py): trunk and head matmuls,
+FLOPs per step are counted from the architecture (aim_megatron/scaling/flops.py): trunk and head matmuls,
 and attention over the (query, key) pairs the prefix-causal mask of each sampled prefix length
 allows; backward counts twice the forward. Recomputation is not counted (MFU, not HFU).
 Each configuration runs in its own process group (torchrun for TP=2), so rows do not share
@@ -79,9 +79,10 @@ def worker(row: Row, steps: int, warmup: int) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from aim_megatron import cpu_shims, parallel
+    from aim_megatron.distributed import cpu_shims
+    from aim_megatron.distributed import parallel
     from aim_megatron.config import load_config, num_microbatches
-    from aim_megatron.flops import device_peak_tflops, forward_flops_per_image
+    from aim_megatron.scaling.flops import device_peak_tflops, forward_flops_per_image
 
     overrides = [f"model.preset={row.preset}", f"model.attention_kernel={row.kernel}",
                  f"parallel.tp={row.tp}", f"train.micro_batch_size={row.micro_batch}",
@@ -151,7 +152,7 @@ def gpu_info() -> tuple[int, bool, bool]:
     import torch
     if not torch.cuda.is_available():
         return 0, False, False
-    from aim_megatron.model import transformer_engine_available
+    from aim_megatron.models.aim import transformer_engine_available
     return (torch.cuda.device_count(), torch.cuda.get_device_capability() >= (8, 9),
             transformer_engine_available())
 

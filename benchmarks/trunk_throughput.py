@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import parallel  # noqa: E402
+from aim_megatron.distributed import parallel  # noqa: E402
 from aim_megatron.config import load_config  # noqa: E402
-from aim_megatron.model import loss_mask  # noqa: E402
-from aim_megatron.attention import prefix_causal_allowed  # noqa: E402
-from aim_megatron.reference import ReferenceAIM, megatron_to_reference  # noqa: E402
+from aim_megatron.models.aim import loss_mask  # noqa: E402
+from aim_megatron.models.attention import prefix_causal_allowed  # noqa: E402
+from aim_megatron.models.reference import ReferenceAIM, megatron_to_reference  # noqa: E402
 
 
 def timed(fn, iters: int) -> float:

@@ -16,7 +16,8 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aim_megatron import checkpoint, parallel  # noqa: E402
+from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.distributed import parallel  # noqa: E402
 from aim_megatron.config import load_config  # noqa: E402
 
 

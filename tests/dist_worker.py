@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import parallel  # noqa: E402
+from aim_megatron.distributed import parallel  # noqa: E402
 from aim_megatron.config import load_config  # noqa: E402
 from aim_megatron.data import prefix_lengths  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Prefix-causal attention kernels against the dense-mask reference (aim_megatron/attention.py).
+"""Prefix-causal attention kernels against the dense-mask reference (aim_megatron/models/attention.py).
 
 On CPU the varlen kernel runs the same packing as on a GPU with a per-segment SDPA in place of
 flash attention, so forward and backward of the packing are checked here; the GPU kernels
@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aim_megatron import attention
-from aim_megatron.attention import (PrefixCausalAttention, flex_prefix_causal, prefix_causal_allowed,
+from aim_megatron.models import attention
+from aim_megatron.models.attention import (PrefixCausalAttention, flex_prefix_causal, prefix_causal_allowed,
                                     resolve_kernel, varlen_plan, varlen_prefix_causal)
 from aim_megatron.config import load_config
-from aim_megatron.model import transformer_configs
+from aim_megatron.models.aim import transformer_configs
 from conftest import TINY
 
 # Edge cases: empty prefix, prefix 1, all but one, whole sequence, and values in between.
@@ -248,7 +248,7 @@ def test_cpu_half_precision_uses_the_math_path_and_matches_the_reference():
 def test_masks_are_built_once_per_micro_batch(kernel, cache, monkeypatch):
     """Every layer (4 here), forward and backward, shares one build per micro-batch; a new
     micro-batch, or the same tensor changed in place, rebuilds."""
-    from aim_megatron import parallel
+    from aim_megatron.distributed import parallel
     once = getattr(attention, cache)
     builds = []
     original = once.build

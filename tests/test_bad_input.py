@@ -59,7 +59,7 @@ def work(tmp_path):
 
 
 def pretrain_in_process(capsys, argv) -> tuple[int, str]:
-    from aim_megatron.train import main
+    from aim_megatron.training.trainer import main
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         rc = call(main, argv)
@@ -316,7 +316,7 @@ def test_data_loader_not_available(work, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run with one checkpoint (step 1), trained in this process."""
-    from aim_megatron.train import main
+    from aim_megatron.training.trainer import main
     run = tmp_path_factory.mktemp("trained") / "run"
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
@@ -402,7 +402,7 @@ def test_make_shards_arguments(work, capsys):
 
 
 def test_probe_arguments(trained, work, capsys):
-    from aim_megatron.probe import main
+    from aim_megatron.evaluation.probe import main
     (work / "probe.yaml").write_text("probe: [1, 2\n")
     (work / "probe2.yaml").write_text("probe: 5\n")
     before, protected = snapshot(work), snapshot(trained)
@@ -500,7 +500,7 @@ def test_torchrun_missing_and_empty_data(work):
 # --------------------------------------------------------------------------- start-up summary
 
 def test_startup_summary_says_what_runs_and_warns_when_absurd():
-    from aim_megatron.train import startup_summary
+    from aim_megatron.training.trainer import startup_summary
     cpu = (50e9, "CPU test device")   # a fixed 50 GFLOP/s device: no timing in the test
     lines, warning = startup_summary(C.load_config(None, []), 1, cpu)  # an empty config's defaults
     text = "\n".join(lines)
@@ -513,7 +513,7 @@ def test_startup_summary_says_what_runs_and_warns_when_absurd():
 
 def test_step_time_estimate_times_the_runs_own_dtype():
     # A CPU trains bf16 ~2x faster than fp32 where it has AVX512-BF16/AMX: the estimate must time bf16 then.
-    from aim_megatron.train import measured_matmul_flops
+    from aim_megatron.training.trainer import measured_matmul_flops
     for params_dtype, name in (("fp32", "float32 matmul"), ("bf16", "bfloat16 matmul")):
         rate, device = measured_matmul_flops(0.01, params_dtype=params_dtype)
         assert rate > 0 and name in device, device

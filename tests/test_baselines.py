@@ -1,11 +1,11 @@
-"""Pixel baselines (aim_megatron/baselines.py) against facts that do not depend on our code."""
+"""Pixel baselines (aim_megatron/evaluation/baselines.py) against facts that do not depend on our code."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from aim_megatron import baselines
+from aim_megatron.evaluation import baselines
 
 
 def _quadrant_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +73,7 @@ def test_cli_reads_the_probes_subset_and_writes_metrics(tmp_path):
     npz = tmp_path / "quad.npz"
     np.savez(npz, train_images=xtr, train_labels=ytr, test_images=xte, test_labels=yte)
     # the same seeded subset aim-probe takes
-    from aim_megatron.probe import open_labelled
+    from aim_megatron.evaluation.probe import open_labelled
     px, py = baselines.load_pixels(str(npz), "train", max_samples=100)
     idx = open_labelled(str(npz), "train", None, max_samples=100).indices
     assert np.array_equal(px, xtr[idx].reshape(100, -1)) and np.array_equal(py, ytr[idx])

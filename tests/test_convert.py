@@ -6,10 +6,11 @@ import importlib.util
 import pytest
 import torch
 
-from aim_megatron import checkpoint, parallel
+from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.distributed import parallel
 from aim_megatron.config import load_config
-from aim_megatron.probe import AttentiveProbe, load_probe
-from aim_megatron.reference import ReferenceAIM
+from aim_megatron.evaluation.probe import AttentiveProbe, load_probe
+from aim_megatron.models.reference import ReferenceAIM
 from conftest import ROOT, TINY, run_distributed
 
 _spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
@@ -155,7 +156,7 @@ def test_local_checkpoint_loads_into_a_model_with_fp8_metadata(imported_tp2, mon
     """Transformer Engine modules carry `_extra_state` (FP8 scales) that a checkpoint written with
     the local spec lacks: loading still works. A missing real tensor stays an error that names it."""
     from megatron.core.dist_checkpointing import ShardedTensor
-    from aim_megatron.model import AimLayerNorm
+    from aim_megatron.models.aim import AimLayerNorm
 
     _, dst = imported_tp2
     step = checkpoint.resolve(dst / "checkpoints")

@@ -12,8 +12,9 @@ from aim_megatron.config import load_config
 from aim_megatron.data import (SyntheticLoader, assign_sources, build_loader, microbatch_prefix_lengths,
                                prefix_lengths, resolve_source, sample_positions, select_loader_kind,
                                shard_bounds)
-from aim_megatron.data_samples import fashion_mnist, make_real_jpeg_folder, REAL_JPEGS
-from aim_megatron.data_shards import ShardWriter, shards_from_arrays
+from aim_megatron.data.local_datasets import fashion_mnist
+from samples import make_real_jpeg_folder, REAL_JPEGS
+from aim_megatron.data.shards import ShardWriter, shards_from_arrays
 
 GRAY28 = ["model.image_size=28", "model.patch_size=4", "model.in_channels=1"]
 RGB32 = ["model.image_size=32", "model.patch_size=8", "model.in_channels=3"]
@@ -91,7 +92,7 @@ def test_prefix_lengths_are_a_pure_uniform_function_of_seed_and_position():
 
 def test_sample_positions_follow_split_microbatches(monkeypatch):
     """Micro-batch j of rank r holds exactly the samples split_microbatches gives rank r."""
-    from aim_megatron import parallel
+    from aim_megatron.distributed import parallel
     cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=12"])
     dp = 3
     for rank in range(dp):

@@ -10,9 +10,9 @@ except ImportError:
 
 from aim_megatron.config import load_config
 from aim_megatron.data import resolve_source
-from aim_megatron.data_dali import DaliPlacement, _image_pipeline, select_dali_placement
-from aim_megatron.data_samples import fashion_mnist
-from aim_megatron.data_shards import shards_from_arrays
+from aim_megatron.data.dali import DaliPlacement, _image_pipeline, select_dali_placement
+from aim_megatron.data.local_datasets import fashion_mnist
+from aim_megatron.data.shards import shards_from_arrays
 
 
 def test_placement_follows_cuda_availability(monkeypatch):

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from conftest import ROOT
-from aim_megatron.data_samples import fashion_mnist, make_real_jpeg_folder
-from aim_megatron.data_shards import (decode_error, image_format, iter_tar_images, normalize_image_bytes,
+from aim_megatron.data.local_datasets import fashion_mnist
+from samples import make_real_jpeg_folder
+from aim_megatron.data.shards import (decode_error, image_format, iter_tar_images, normalize_image_bytes,
                                       read_idx, read_wds_index, scan_tar, shards_from_arrays,
                                       shards_from_folder, verify_manifest, write_wds_index)
 

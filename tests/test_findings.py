@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from aim_megatron import parallel
-from aim_megatron.attention import prefix_causal_allowed
+from aim_megatron.distributed import parallel
+from aim_megatron.models.attention import prefix_causal_allowed
 from aim_megatron.config import ConfigError, load_config, validate
-from aim_megatron.model import loss_mask, patchify, pixel_targets
+from aim_megatron.models.aim import loss_mask, patchify, pixel_targets
 from conftest import TINY
 
 
@@ -92,7 +92,7 @@ def test_findings_command_end_to_end(tmp_path):
 
 
 def test_probe_num_heads_defaults_to_the_trunk_and_round_trips(tmp_path):
-    from aim_megatron import probe as P
+    from aim_megatron.evaluation import probe as P
     from aim_megatron.config import ModelConfig
     assert P.probe_config_from_dict({}).num_heads is None
     cfg = P.probe_config_from_dict({"num_heads": 8})

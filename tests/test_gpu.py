@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _te_available():
-    from aim_megatron.model import transformer_engine_available
+    from aim_megatron.models.aim import transformer_engine_available
     return transformer_engine_available()
 
 
@@ -26,7 +26,7 @@ def _prefix(b=8, s=256):
 
 
 def _dense(q, k, v, prefix, layout="bshd"):
-    from aim_megatron.attention import prefix_causal_allowed
+    from aim_megatron.models.attention import prefix_causal_allowed
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
@@ -45,7 +45,7 @@ def _check(out, ref, inputs):
 
 
 def test_flash_varlen_matches_dense_mask():
-    from aim_megatron.attention import flash_varlen_available, varlen_prefix_causal
+    from aim_megatron.models.attention import flash_varlen_available, varlen_prefix_causal
     if not flash_varlen_available():
         pytest.skip("torch has no flash varlen attention for this GPU")
     q, k, v = _qkv()
@@ -54,14 +54,14 @@ def test_flash_varlen_matches_dense_mask():
 
 
 def test_flex_matches_dense_mask():
-    from aim_megatron.attention import flex_prefix_causal
+    from aim_megatron.models.attention import flex_prefix_causal
     q, k, v = _qkv(layout="bhsd")
     prefix = _prefix()
     _check(flex_prefix_causal(q, k, v, prefix), _dense(q, k, v, prefix, "bhsd"), (q, k, v))
 
 
 def _build(overrides, wrap_ddp=False):
-    from aim_megatron import parallel
+    from aim_megatron.distributed import parallel
     from aim_megatron.config import load_config
     cfg = load_config(None, [*TINY, "model.hidden_size=256", "model.num_heads=2",
                              "train.micro_batch_size=8", "train.global_batch_size=8",
@@ -71,7 +71,7 @@ def _build(overrides, wrap_ddp=False):
 
 
 def _loss(cfg, model, seed=0):
-    from aim_megatron.model import loss_mask
+    from aim_megatron.models.aim import loss_mask
     g = torch.Generator().manual_seed(seed)
     m = cfg.model
     images = torch.randn(8, m.in_channels, m.image_size, m.image_size, generator=g).cuda()
@@ -82,7 +82,7 @@ def _loss(cfg, model, seed=0):
 
 @pytest.mark.parametrize("kernel", ["varlen", "flex"])
 def test_model_kernels_match_dense_mask(kernel):
-    from aim_megatron import parallel
+    from aim_megatron.distributed import parallel
     cfg, dense = _build(["model.backend=local", "model.attention_kernel=masked"])
     full = parallel.gather_full_state_dict(dense)
     cfg2, fused = _build(["model.backend=local", f"model.attention_kernel={kernel}"])
@@ -93,7 +93,7 @@ def test_model_kernels_match_dense_mask(kernel):
 
 @pytest.mark.skipif(not _te_available(), reason="needs Transformer Engine")
 def test_te_spec_matches_local_spec():
-    from aim_megatron import parallel
+    from aim_megatron.distributed import parallel
     cfg, local = _build(["model.backend=local"])
     full = parallel.gather_full_state_dict(local)
     cfg2, te = _build(["model.backend=te"])
@@ -108,7 +108,7 @@ def test_te_spec_matches_local_spec():
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 def test_fp8_tracks_bf16(recipe):
     """A few optimizer steps on the same batches: FP8 losses stay within a few % of bf16 and fall."""
-    from aim_megatron import parallel
+    from aim_megatron.distributed import parallel
     curves = {}
     for precision in ("bf16", "fp8"):
         extra = ["train.fp8=hybrid", f"train.fp8_recipe={recipe}"] if precision == "fp8" else []

@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aim_megatron import checkpoint, l3m_format, parallel
+from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.checkpoint import l3m as l3m_format
+from aim_megatron.distributed import parallel
 from aim_megatron.config import load_config
-from aim_megatron.model import loss_mask
+from aim_megatron.models.aim import loss_mask
 from conftest import ROOT, TINY, run_distributed
 
 _spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
@@ -232,7 +234,7 @@ def test_positions_are_ml_l3m_float32_ones():
     for dim, grid in ((32, 4), (1536, 16), (2048, 16)):
         assert torch.equal(l3m_format.l3m_sincos_2d(dim, grid), l3m_positions(dim, grid))
     # and they are the 2D sin-cos of FACTS §1 up to float32 rounding
-    from aim_megatron.model import sincos_2d
+    from aim_megatron.models.aim import sincos_2d
     assert (l3m_format.l3m_sincos_2d(1536, 16)[0] - sincos_2d(1536, 16)).abs().max() < 1e-5
 
 
@@ -314,7 +316,7 @@ def test_training_continues_from_the_import_as_from_fresh_weights(imported):
     """aim-pretrain resumes from an imported (step-0, weights-only) checkpoint, and its first
     AdamW update is the one a fresh optimizer makes from the same weights (the import holds no
     optimizer state: load leaves the optimizer and LR schedule freshly built)."""
-    from aim_megatron.train import build_scheduler
+    from aim_megatron.training.trainer import build_scheduler
     _, root, _, _ = imported
     step = checkpoint.resolve(root / "run" / "checkpoints")
     cfg = checkpoint.config_from_checkpoint(step, [*convert.SINGLE_PROCESS, "train.micro_batch_size=16"])

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aim_megatron import parallel
+from aim_megatron.distributed import parallel
 from aim_megatron.config import PRESETS, load_config
-from aim_megatron.attention import prefix_causal_allowed
-from aim_megatron.model import (loss_mask, normalized_targets, patchify, sincos_2d, transformer_configs, AIMModel, select_backend)
-from aim_megatron.reference import ReferenceAIM, megatron_to_reference, reference_to_megatron
+from aim_megatron.models.attention import prefix_causal_allowed
+from aim_megatron.models.aim import (loss_mask, normalized_targets, patchify, sincos_2d, transformer_configs, AIMModel, select_backend)
+from aim_megatron.models.reference import ReferenceAIM, megatron_to_reference, reference_to_megatron
 from conftest import TINY
 
 
@@ -205,7 +205,7 @@ def test_official_preset_parameter_counts(preset, billions):
 
 
 def test_backend_selection_falls_back_to_local_without_gpu(monkeypatch):
-    import aim_megatron.model as model_mod
+    import aim_megatron.models.aim as model_mod
     assert select_backend("auto") == ("te" if model_mod.transformer_engine_available() else "local")
     assert select_backend("local") == "local"
     monkeypatch.setattr(model_mod, "transformer_engine_available", lambda: False)
@@ -237,7 +237,7 @@ def test_block_features_match_reference_block_outputs():
 
 
 def test_fp8_without_transformer_engine_is_a_clear_error(monkeypatch):
-    import aim_megatron.model as model_mod
+    import aim_megatron.models.aim as model_mod
     monkeypatch.setattr(model_mod, "transformer_engine_available", lambda: False)
     with pytest.raises(RuntimeError, match="train.fp8=hybrid needs Transformer Engine.*train.fp8=null"):
         select_backend("auto", fp8="hybrid")
@@ -259,7 +259,7 @@ def test_fp8_settings_reach_megatron_and_the_head(monkeypatch):
     assert transformer_configs(cfg)[0].tp_only_amax_red is False  # default: TP x DP group
 
     import contextlib
-    import aim_megatron.model as model_mod
+    import aim_megatron.models.aim as model_mod
     entered = []
 
     @contextlib.contextmanager

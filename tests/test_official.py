@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from aim_megatron import parallel
+from aim_megatron.distributed import parallel
 from aim_megatron.config import load_config
 from conftest import TINY
 
@@ -54,7 +54,7 @@ def test_head_block_is_the_official_identity_attention_block(one_thread):
 
 
 def test_reference_head_block_is_the_official_block(one_thread):
-    from aim_megatron.reference import HeadBlock
+    from aim_megatron.models.reference import HeadBlock
     cfg = load_config(None, TINY)
     torch.manual_seed(0)
     blk = HeadBlock(cfg.model)
@@ -81,14 +81,14 @@ def official_probe_shapes(d, c):
 
 
 def test_probe_key_set_is_the_official_one():
-    from aim_megatron.probe import AttentiveProbe
+    from aim_megatron.evaluation.probe import AttentiveProbe
     probe = AttentiveProbe(1536, 12, 1000)
     assert {k: tuple(v.shape) for k, v in probe.state_dict().items()} == official_probe_shapes(1536, 1000)
     assert probe.bn.eps == 1e-6 and probe.bn.weight is None
 
 
 def test_official_probe_loads_strict_and_computes_the_official_function(one_thread):
-    from aim_megatron.probe import AttentiveProbe
+    from aim_megatron.evaluation.probe import AttentiveProbe
     d, c, heads = 32, 5, 4
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(s, generator=g) if s else torch.tensor(3) for k, s in official_probe_shapes(d, c).items()}
@@ -172,7 +172,7 @@ def test_gpu_style_shard_reinit_uses_the_full_matrix_fans(one_thread):
     """GPU init draws each TP shard alone; reinit_official_tp_shards redraws it from the full
     matrix's xavier bound. Here a TP=1 model's linears stand for TP=2 shards: a column-parallel
     [out, in] shard belongs to a [2*out, in] matrix, a row-parallel one to [out, 2*in]."""
-    from aim_megatron.model import reinit_official_tp_shards
+    from aim_megatron.models.aim import reinit_official_tp_shards
     cfg, model = build(["model.hidden_size=64", "model.num_heads=4"])
     reinit_official_tp_shards(model, tp=2)
     d, f = cfg.model.hidden_size, cfg.model.ffn_hidden_size

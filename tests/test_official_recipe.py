@@ -7,7 +7,7 @@ import math
 import torch
 
 from aim_megatron.config import load_config
-from aim_megatron.train import build_scheduler
+from aim_megatron.training.trainer import build_scheduler
 from conftest import TINY
 
 
@@ -75,7 +75,7 @@ def test_color_jitter_is_torchvisions_in_every_order():
     import numpy as np
     from PIL import Image
 
-    from aim_megatron.data_torch import color_jitter
+    from aim_megatron.data.pil import color_jitter
     rgb = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
     factors = (1.3, 0.7, 1.15, -0.07)
     results = set()
@@ -94,7 +94,7 @@ def test_eval_transform_is_resize_256_center_crop_224():
     import numpy as np
     from PIL import Image
 
-    from aim_megatron.data_torch import augment
+    from aim_megatron.data.pil import augment
     cfg = load_config(None, ["model.image_size=224", "model.patch_size=14", "model.in_channels=3"])
     img = Image.fromarray((np.random.default_rng(1).random((400, 300, 3)) * 255).astype(np.uint8))  # w 300, h 400
     ref = img.resize((256, int(256 * 400 / 300)), Image.Resampling.BICUBIC)          # 256 x 341

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from aim_megatron import probe as P
+from aim_megatron.evaluation import probe as P
 from aim_megatron.config import ConfigError, ModelConfig
-from aim_megatron.data_samples import REAL_JPEGS
+from samples import REAL_JPEGS
 from conftest import run_distributed
 from test_training import pretrain
 
@@ -169,7 +169,7 @@ def test_probe_command_errors(tiny_checkpoint, capsys):
 
 def test_probe_data_npz_fashion_mnist_and_folders(tmp_path):
     from aim_megatron.config import Config
-    from aim_megatron.data_samples import make_real_jpeg_folder
+    from samples import make_real_jpeg_folder
 
     def cfg(channels):
         c = Config()
@@ -236,7 +236,7 @@ def test_probe_on_an_image_folder_with_corrupt_files_dp2_equals_one_process(tiny
     # 16 real JPEGs in 5 classes + 3 corrupt files in a class folder sorted between them: the corrupt
     # files all fall in DP rank 1's half, so the ranks hold 9 and 7 good images; the probe must
     # still see the same 16-image data set, in the same order, as one process.
-    from aim_megatron.data_samples import make_real_jpeg_folder
+    from samples import make_real_jpeg_folder
     files = make_real_jpeg_folder(tmp_path / "imgs")
     args = ["--train-data", str(tmp_path / "imgs"), "--test-data", str(tmp_path / "imgs"),
             "probe.epochs=4", "probe.batch_size=8", "probe.feature_batch_size=5"]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from aim_megatron import scaling as S
+from aim_megatron.scaling import sweep as S
 
 TRUE = S.LossLaw(E=0.3, A=60.0, B=90.0, alpha=0.34, beta=0.28)
 
@@ -214,7 +214,8 @@ def test_trainers_complete_record_decides_and_keeps_the_last_train_record(tmp_pa
 
 
 def test_flops_come_from_the_trainers_count(sweep):
-    from aim_megatron import flops, sizing
+    from aim_megatron.scaling import flops
+    from aim_megatron.scaling import sizing
     spec, _, out = sweep
     sweep_spec = S.load_sweep(spec)
     sweep_spec.flops = "aim"
@@ -240,7 +241,7 @@ FAKE_TRAINER = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, os.environ["AIM_ROOT"])
     from aim_megatron.config import config_from_dict
-    from aim_megatron.sizing import trunk_params
+    from aim_megatron.scaling.sizing import trunk_params
     import yaml
 
     args = sys.argv[1:]

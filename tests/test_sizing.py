@@ -1,4 +1,4 @@
-"""Model size, FLOPs and per-GPU memory arithmetic (aim_megatron/sizing.py, tools/estimate_memory.py)
+"""Model size, FLOPs and per-GPU memory arithmetic (aim_megatron/scaling/sizing.py, tools/estimate_memory.py)
 checked against published numbers and hand computations."""
 import subprocess
 import sys
@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from aim_megatron import flops, sizing
+from aim_megatron.scaling import flops
+from aim_megatron.scaling import sizing
 from aim_megatron.config import load_config
 
 # aim-tiny on 32 px images: 8x8 = 64 patches, so sequence parallel over tp=2 divides.
@@ -30,7 +31,7 @@ def test_tiny_param_and_flop_counts_by_hand():
     assert sizing.trunk_params(m) == 4 * block + (16 * 64 + 64 + 128) + 128 == 198_976
     assert sizing.head_params(m) == (64 * 64 + 64) + 2 * (256 + 2 * 64 * 256) + 128 + (64 * 16 + 16)
     assert sizing.train_flops_per_image(m, "6ND") == 6 * 198_976 * 49
-    # "aim" is the trainer's count (aim_megatron/flops.py): matmul weights without biases and
+    # "aim" is the trainer's count (aim_megatron/scaling/flops.py): matmul weights without biases and
     # LayerNorms, attention over the pairs the mask allows, mean over prefix lengths 1..48.
     assert sizing.train_flops_per_image(m, "aim") == flops.train_flops_per_image(m)
     matmuls = 16 * 64 + 4 * (4 * 64 * 64 + 2 * 64 * 256)             # embed + trunk blocks

@@ -35,7 +35,7 @@ def test_scripts_are_shellcheck_clean():
 
 def test_generated_sweep_array_is_shellcheck_clean(tmp_path):
     assert shutil.which("shellcheck"), "shellcheck missing: run `make setup` (apt-get install shellcheck)"
-    from aim_megatron import scaling as S
+    from aim_megatron.scaling import sweep as S
     (tmp_path / S.MANIFEST).write_text(json.dumps({"name": "x", "runs": [{"name": "a"}, {"name": "b"}]}))
     script = tmp_path / "sweep.sbatch"
     script.write_text(S.slurm_array_script(tmp_path, ROOT, nodes=2, account="proj"))
@@ -298,5 +298,5 @@ def test_sweep_finish_fits_once_when_every_run_is_complete(tmp_path):
 
 
 def _array_script(out):
-    from aim_megatron import scaling as S
+    from aim_megatron.scaling import sweep as S
     return S.slurm_array_script(out, ROOT, gpus_per_node=0, fit_args=["--intermediate"])

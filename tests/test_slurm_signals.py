@@ -16,7 +16,8 @@ BASE = TINY + ["model.in_channels=1", "train.micro_batch_size=2", "train.global_
 # checkpoint.save writes (the first before the write), or SIGTERM during checkpoint.load.
 DRIVER = """
 import os, signal, sys, time
-from aim_megatron import checkpoint, train
+from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.training import trainer as train
 mode, args = sys.argv[1], sys.argv[2:]
 real_save, real_load, real_step = checkpoint.save, checkpoint.load, train.Trainer.train_step
 
@@ -113,7 +114,7 @@ def test_checkpoint_writer_survives_the_steps_sigterm():
     of the preemption SIGTERM, and the signal-time save with it (EOFError)."""
     code = """
 import os, signal, time
-from aim_megatron import train
+from aim_megatron.training import trainer as train
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 train.signal_proof_checkpoint_writer()
 process = train._write_queue_managers[0]._process

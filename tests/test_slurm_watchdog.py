@@ -1,4 +1,4 @@
-"""Hang detection (aim_megatron/watchdog.py) on 2 gloo ranks under torchrun: (1) SIGSTOP one rank
+"""Hang detection (aim_megatron/training/watchdog.py) on 2 gloo ranks under torchrun: (1) SIGSTOP one rank
 mid-run: the other must notice within the timeout, dump its stacks, name the stuck rank and exit
 with the requeue code, and torchrun must leave no process behind; (2) one rank sleeps before a step
 (test-only hook) while the other waits inside that step's collective: both must dump their stacks,

@@ -1,4 +1,4 @@
-"""Streaming conversion (aim_megatron/streaming.py) gives exactly what the in-memory paths give:
+"""Streaming conversion (aim_megatron/checkpoint/streaming.py) gives exactly what the in-memory paths give:
 exports from TP=2 and PP=2 (distributed optimizer) checkpoints are bit-identical (safetensors
 byte for byte), a streamed import loads into TP=2 and TP=2 x PP=2 as the in-memory import does
 and trains identically from a fresh optimizer, the files are read by safetensors, torch.load
@@ -13,9 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from aim_megatron import checkpoint, parallel, streaming
+from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.distributed import parallel
+from aim_megatron.checkpoint import streaming
 from aim_megatron.config import load_config
-from aim_megatron.reference import reference_to_megatron
+from aim_megatron.models.reference import reference_to_megatron
 from conftest import ROOT, TINY, run_distributed
 from test_convert import official_state_dict
 from test_training import BASE, losses, pretrain

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from aim_megatron import scaling as S
-from aim_megatron.data_shards import read_idx, shards_from_arrays
+from aim_megatron.scaling import sweep as S
+from aim_megatron.data.shards import read_idx, shards_from_arrays
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 WIDTHS = [16, 32, 64]          # head_dim 16: 1, 2 and 4 heads

@@ -107,7 +107,7 @@ def test_bf16_on_cpu_tracks_fp32(tmp_path):
 def test_auto_dtype_is_settled_when_the_run_starts(tmp_path):
     # train.params_dtype=auto becomes this machine's fast dtype, and the checkpoint records that
     # dtype: the resume check compares it, and the probe rebuilds the trunk in it.
-    from aim_megatron import checkpoint
+    from aim_megatron.checkpoint import checkpointer as checkpoint
     from aim_megatron.config import fastest_params_dtype
     proc = pretrain(tmp_path, ["train.train_iters=2", "train.params_dtype=auto"])
     expected = fastest_params_dtype()
@@ -180,9 +180,9 @@ def test_bad_layout_fails_at_start(tmp_path):
 # --------------------------------------------------------------------------- in-process checks
 
 def in_process_trainer(out: Path, overrides=(), loader=None):
-    from aim_megatron import parallel
+    from aim_megatron.distributed import parallel
     from aim_megatron.config import load_config
-    from aim_megatron.train import Trainer
+    from aim_megatron.training.trainer import Trainer
     cfg = load_config(None, [*BASE, f"train.output_dir={out}", *overrides])
     world = parallel.initialize(cfg)
     return Trainer(cfg, world, train_loader=loader)
@@ -229,8 +229,8 @@ def test_nan_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_consecutive_nan_steps_stop_without_poisoned_checkpoint(tmp_path):
-    from aim_megatron import checkpoint
-    from aim_megatron.train import TrainingDiverged
+    from aim_megatron.checkpoint import checkpointer as checkpoint
+    from aim_megatron.training.trainer import TrainingDiverged
     trainer = in_process_trainer(tmp_path, ["train.train_iters=10", "train.save_interval=2",
                                             "train.max_bad_steps=2"])
     trainer.train_loader = PoisonedLoader(trainer.cfg, {3, 4}, trainer.n_micro)
@@ -243,7 +243,7 @@ def test_consecutive_nan_steps_stop_without_poisoned_checkpoint(tmp_path):
 
 
 def test_interrupted_save_leaves_last_good_checkpoint(tmp_path, monkeypatch):
-    from aim_megatron import checkpoint
+    from aim_megatron.checkpoint import checkpointer as checkpoint
     trainer = in_process_trainer(tmp_path, ["train.train_iters=10"])
     trainer.train_step()
     trainer.save()
@@ -314,7 +314,7 @@ def test_resume_across_epoch_boundary_on_real_images(tmp_path, loader):
 
 
 def test_fp8_request_without_gpu_fails_at_start(tmp_path):
-    import aim_megatron.model as model_mod
+    import aim_megatron.models.aim as model_mod
     if model_mod.transformer_engine_available():
         pytest.skip("Transformer Engine with a GPU present: FP8 is available here")
     proc = pretrain(tmp_path, ["train.fp8=hybrid", "train.params_dtype=bf16"], expect=1)

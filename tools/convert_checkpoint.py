@@ -24,7 +24,7 @@ Export to the official format (one process, any source layout):
         --out aim.pth [--probe runs/x/probe/attentive-last/probe.pt]
 
 writes the trunk (fp32) and, with --probe, our probe head as head.*; .safetensors also works.
-Export reads the checkpoint one tensor at a time (aim_megatron/streaming.py): memory stays at
+Export reads the checkpoint one tensor at a time (aim_megatron/checkpoint/streaming.py): memory stays at
 about one layer's largest tensor whatever the model size. ``import_official``/``export_official``
 are the in-memory paths (a model in the target layout), kept as the reference the tests and
 benchmarks/conversion_memory.py compare the streaming ones against.
@@ -60,12 +60,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import checkpoint, cli, l3m_format, parallel, streaming  # noqa: E402
+from aim_megatron import cli  # noqa: E402
+from aim_megatron.checkpoint import checkpointer as checkpoint  # noqa: E402
+from aim_megatron.checkpoint import l3m as l3m_format, streaming  # noqa: E402
+from aim_megatron.distributed import parallel  # noqa: E402
 from aim_megatron.config import PRESETS, Config, ModelConfig, load_config, resolve_params_dtype, validate  # noqa: E402
-from aim_megatron.probe import (AttentiveProbe, ProbeConfig, load_probe, resolve_layers,  # noqa: E402
+from aim_megatron.evaluation.probe import (AttentiveProbe, ProbeConfig, load_probe, resolve_layers,  # noqa: E402
                                 save_probe)
-from aim_megatron.reference import PredictionHead, ReferenceAIM, megatron_to_reference  # noqa: E402
-from aim_megatron.reference import name_map, reference_to_megatron, state_dict_mismatch  # noqa: E402
+from aim_megatron.models.reference import PredictionHead, ReferenceAIM, megatron_to_reference  # noqa: E402
+from aim_megatron.models.reference import name_map, reference_to_megatron, state_dict_mismatch  # noqa: E402
 
 log = logging.getLogger("convert")
 
@@ -214,7 +217,7 @@ def lazy_pretraining_head(m: ModelConfig, seed: int) -> dict[str, callable]:
 def import_official(src: Path, dst: Path, cfg: Config, probe_out: Optional[Path] = None,
                     probe_layers: Optional[str] = None) -> Path:
     """Collective (run under torchrun with the target world size). Returns the checkpoint dir."""
-    from aim_megatron.train import build_scheduler
+    from aim_megatron.training.trainer import build_scheduler
     if (dst / "checkpoints" / checkpoint.LATEST_FILE).exists():
         raise ConvertError(f"{dst} already holds checkpoints; import into a new --dst")
     trunk_sd, head_sd = split_official(read_state_dict(src))

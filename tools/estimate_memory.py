@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import sizing  # noqa: E402
+from aim_megatron.scaling import sizing  # noqa: E402
 from aim_megatron.config import ConfigError, validate  # noqa: E402
-from aim_megatron.sizing import GIB  # noqa: E402
+from aim_megatron.scaling.sizing import GIB  # noqa: E402
 
 TABLE_PRESETS = ("aim-600M", "aim-1B", "aim-3B", "aim-7B")
 TABLE_GPUS = (8, 64, 256, 512, 1024, 2048, 4096)

@@ -37,7 +37,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aim_megatron.scaling import read_metrics  # noqa: E402
+from aim_megatron.scaling.sweep import read_metrics  # noqa: E402
 
 # The findings' base: the demo model with 7x7-pixel patches (16 tokens instead of 49), 2.5x less CPU
 # per step, so 6 variants x 3 seeds fit in about two hours on 2 cores; --set model.patch_size=4

@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aim_megatron.cli import ArgumentParser  # noqa: E402
-from aim_megatron.data_samples import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
-from aim_megatron.data_shards import (read_idx, shards_from_arrays, shards_from_folder,  # noqa: E402
+from aim_megatron.data.local_datasets import FASHION_MNIST_CLASSES, fashion_mnist  # noqa: E402
+from aim_megatron.data.shards import (read_idx, shards_from_arrays, shards_from_folder,  # noqa: E402
                                       verify_manifest, write_wds_index)
 
 

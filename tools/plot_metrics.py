@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, val records), last record per step (a resumed run re-logs steps)."""
-    from aim_megatron.scaling import read_metrics as read_records, record_kind
+    from aim_megatron.scaling.sweep import read_metrics as read_records, record_kind
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {run_dir} an aim-pretrain train.output_dir?")

@@ -34,7 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import checkpoint, cli, parallel, streaming  # noqa: E402
+from aim_megatron import cli
+from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.distributed import parallel
+from aim_megatron.checkpoint import streaming  # noqa: E402
 from aim_megatron.config import ConfigError, validate  # noqa: E402
 
 log = logging.getLogger("reshard")

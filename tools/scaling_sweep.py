@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from aim_megatron import cli  # noqa: E402
-from aim_megatron import scaling as S  # noqa: E402
+from aim_megatron.scaling import sweep as S  # noqa: E402
 import yaml  # noqa: E402
 
 from aim_megatron.config import PRESETS, ConfigError, ModelConfig, yaml_problem  # noqa: E402
-from aim_megatron.sizing import train_flops_per_image, trunk_params  # noqa: E402
+from aim_megatron.scaling.sizing import train_flops_per_image, trunk_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

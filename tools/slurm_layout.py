@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aim_megatron import sizing  # noqa: E402
+from aim_megatron.scaling import sizing  # noqa: E402
 from aim_megatron.config import ConfigError, num_microbatches, trunk_layers_per_stage  # noqa: E402
-from aim_megatron.sizing import GIB  # noqa: E402
+from aim_megatron.scaling.sizing import GIB  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from estimate_memory import add_layout_flags, layout_overrides  # noqa: E402

@@ -4,8 +4,9 @@ from pathlib import Path
 import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from aim_megatron import checkpoint, parallel
-from aim_megatron.model import loss_mask
+from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.distributed import parallel
+from aim_megatron.models.aim import loss_mask
 spec = importlib.util.spec_from_file_location("cc", ROOT / "tools" / "convert_checkpoint.py")
 cc = importlib.util.module_from_spec(spec); spec.loader.exec_module(cc)
 run, refp = Path(sys.argv[1]), Path(sys.argv[2])

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from .config import (Config, ConfigError, ModelConfig, load_config, num_microbatches,
+from aim_megatron.config import (Config, ConfigError, ModelConfig, load_config, num_microbatches,
                      resolve_params_dtype, trunk_layers_per_stage, validate)
-from .flops import train_flops_per_image as aim_train_flops_per_image
+from aim_megatron.scaling.flops import train_flops_per_image as aim_train_flops_per_image
 
 GIB = 1024 ** 3
 
@@ -357,7 +357,7 @@ def recommend_layout(cfg: Config, world_size: int, gpus_per_node: int = 8, min_m
 
 # --------------------------------------------------------------------------- tool helpers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = REPO_ROOT / "examples" / "slurm" / "configs"
 
 

@@ -32,8 +32,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.transformer.utils import sharded_state_dict_default
 
-from .attention import PrefixCausalAttention
-from .config import Config, ModelConfig, torch_params_dtype
+from aim_megatron.models.attention import PrefixCausalAttention
+from aim_megatron.config import Config, ModelConfig, torch_params_dtype
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +440,7 @@ class AIMModel(MegatronModule):
         ones that count); elsewhere the trunk activations for the next stage.
         ``prefix_len=None`` runs full bidirectional attention (evaluation)."""
         hidden = self.embed(images) if self.pre_process else None
-        # The core attention takes the prefix lengths themselves (aim_megatron/attention.py).
+        # The core attention takes the prefix lengths themselves (aim_megatron/models/attention.py).
         hidden = self.trunk(hidden, attention_mask=prefix_len)
         if not self.post_process:
             return hidden

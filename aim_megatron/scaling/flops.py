@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .config import ModelConfig
+from aim_megatron.config import ModelConfig
 
 # Dense bf16 peak (no sparsity), TFLOP/s per device.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "GH200": 989.0}

@@ -37,8 +37,8 @@ from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePla
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from .checkpoint import CheckpointError
-from .config import Config
+from aim_megatron.checkpoint.checkpointer import CheckpointError
+from aim_megatron.config import Config
 
 # What megatron-core's torch_dist save writes next to the DCP files (checkpoint.load checks it).
 DIST_CHECKPOINT_CONFIG = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -69,8 +69,8 @@ def checkpoint_slots(cfg: Config) -> dict[str, Slot]:
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    from . import cpu_shims
-    from .model import AIMModel, transformer_configs
+    from aim_megatron.distributed import cpu_shims
+    from aim_megatron.models.aim import AIMModel, transformer_configs
     cfg = single_process(cfg)
     own_group = not dist.is_initialized()
     if own_group:
@@ -248,7 +248,7 @@ def save_weights_only(root: Path, step: int, cfg: Config, produce: Callable[[str
     layout of ``checkpoint.save`` (tmp dir renamed when complete, then ``latest``). It records
     ``weights_only``: ``checkpoint.load`` then loads the model and leaves the optimizer and LR
     schedule freshly built (a fresh import's Adam moments are zero anyway)."""
-    from . import checkpoint
+    from aim_megatron.checkpoint import checkpointer as checkpoint
     root = Path(root)
     final = root / checkpoint.step_dir_name(step)
     tmp = root / f".tmp_{final.name}"
@@ -458,8 +458,8 @@ def export_checkpoint(step_dir: Path, out: Path, names: str = "official",
     ``names`` "official" (released key names and qkv row order) or "megatron" (full megatron
     names, sorted), those for which ``keep(name)``; then ``extra`` tensors (a probe head).
     Returns (tensors, parameters) written."""
-    from . import checkpoint
-    from .reference import megatron_to_reference, name_map
+    from aim_megatron.checkpoint import checkpointer as checkpoint
+    from aim_megatron.models.reference import megatron_to_reference, name_map
     cfg = checkpoint.config_from_checkpoint(step_dir)
     slots = checkpoint_slots(cfg)
     reader = DistCheckpointReader(step_dir, slots)

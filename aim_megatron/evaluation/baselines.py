@@ -36,7 +36,7 @@ def load_pixels(spec: str, split: str, max_samples: Optional[int] = None, subset
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 [n, H*W*C], int64 labels [n]) of the images ``aim-probe`` reads for ``split``.
     Every image must have the same size (true of Fashion-MNIST and .npz arrays)."""
-    from .probe import open_labelled
+    from aim_megatron.evaluation.probe import open_labelled
     images = open_labelled(spec, split, cfg=None, max_samples=max_samples, subset_seed=subset_seed)
     xs, ys = [], []
     t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from .probe import data_specs
+    from aim_megatron.evaluation.probe import data_specs
     try:
         specs = data_specs(args.data, args.train_data, args.test_data)
         train = load_pixels(specs["train"], "train", args.train_samples)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from aim_megatron.config import Config, ModelConfig
-from aim_megatron.data_shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, index_num_samples,
+from aim_megatron.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, index_num_samples,
                                       read_wds_index, scan_tar)
 
 logger = logging.getLogger(__name__)
@@ -563,65 +563,7 @@ class SyntheticLoader(ImageLoader):
 
 # --------------------------------------------------------------------------- selection
 
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def select_loader_kind(requested: str = "auto") -> str:
-    """'dali' or 'torch' for ``data.loader``; "auto" takes DALI when it imports."""
-    if requested == "torch":
-        return "torch"
-    if requested not in ("auto", "dali"):
-        raise ValueError(f"data.loader={requested!r}: use auto, dali or torch")
-    if dali_available():
-        return "dali"
-    if requested == "dali":
-        raise ImportError(f"data.loader=dali but NVIDIA DALI is not importable; {DALI_INSTALL_HINT} "
-                          f"(or set data.loader=torch)")
-    return "torch"
-
-
 def eval_resize_size(image_size: int) -> int:
     """Shorter side before the evaluation centre crop: ceil(S / 0.875) as ml-aim's val_transforms
     (256 for 224, 32 for 28)."""
     return math.ceil(image_size / EVAL_CROP_RATIO)
-
-
-def build_loader(cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int,
-                 split: str = "train") -> ImageLoader:
-    """The loader of one data-parallel rank, per ``data.loader``; logs which one it is.
-
-    split="train" reads ``data.train_sources`` with the training augmentation; split="val" reads
-    ``data.val_sources`` in stored order with the official deterministic center crop (shorter side to
-    eval_resize_size(image_size) = image_size / 0.875, bicubic, then the centred image_size square)
-    and no flip or jitter. Both are endless and resumable."""
-    specs = cfg.data.train_sources if split == "train" else cfg.data.val_sources
-    if specs and all(s == "synthetic" for s in specs):
-        logger.info("data loader (%s): synthetic images", split)
-        return SyntheticLoader(cfg, dp_rank, dp_size, micro_batch_size, split=split)
-    kind = select_loader_kind(cfg.data.loader)
-    if kind == "dali":
-        from aim_megatron.data_dali import DaliImageLoader, select_dali_placement
-        import nvidia.dali
-        placement = select_dali_placement(cfg.data.dali_device)
-        logger.info("data loader (%s): NVIDIA DALI %s (%s) for %s", split, nvidia.dali.__version__,
-                    placement.describe(), specs)
-        return DaliImageLoader(cfg, dp_rank, dp_size, micro_batch_size, split=split, placement=placement)
-    from aim_megatron.data_torch import TorchImageLoader
-    reason = "data.loader=torch" if cfg.data.loader == "torch" else \
-        f"NVIDIA DALI is not importable ({DALI_INSTALL_HINT} to use it)"
-    logger.info("data loader (%s): torch/PIL fallback with %d workers (%s) for %s", split,
-                cfg.data.num_workers, reason, specs)
-    return TorchImageLoader(cfg, dp_rank, dp_size, micro_batch_size, split=split)
-
-
-__all__ = [
-    "Source", "Chunk", "SourceStream", "SyntheticStream", "ImageLoader", "SyntheticLoader", "build_loader",
-    "select_loader_kind", "dali_available", "prefix_lengths", "microbatch_prefix_lengths",
-    "sample_positions", "assign_sources", "shard_bounds", "resolve_source", "hash_uniform", "derive_seed",
-    "normalize_",
-]

@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from .config import ATTENTION_KERNELS
+from aim_megatron.config import ATTENTION_KERNELS
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel import random as mcore_random
 # torch's checkpoint errors derive from BaseException, not Exception.
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
-from .config import Config
+from aim_megatron.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def read_meta(path: Path) -> dict:
 
 def config_from_checkpoint(path: Path, overrides: Optional[list[str]] = None) -> Config:
     """The config a checkpoint was trained with, plus ``section.key=value`` overrides."""
-    from .config import apply_overrides, config_from_dict
+    from aim_megatron.config import apply_overrides, config_from_dict
     return config_from_dict(apply_overrides(read_meta(path)["config"], overrides or []))
 
 

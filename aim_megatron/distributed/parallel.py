@@ -25,9 +25,9 @@ from megatron.core.optimizer import get_standard_config_overrides
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from . import cpu_shims
-from .config import Config, ConfigError, num_microbatches, torch_params_dtype, validate
-from .model import TE_NORM_KEYS, AIMModel, build_model_chunk, loss_mask, select_backend
+from aim_megatron.distributed import cpu_shims
+from aim_megatron.config import Config, ConfigError, num_microbatches, torch_params_dtype, validate
+from aim_megatron.models.aim import TE_NORM_KEYS, AIMModel, build_model_chunk, loss_mask, select_backend
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import torch
 from PIL import Image, ImageEnhance
 
 from aim_megatron.config import Config
-from aim_megatron.data import (Chunk, ImageLoader, Source, SourceStream, derive_seed, eval_resize_size,
+from aim_megatron.data.base import (Chunk, ImageLoader, Source, SourceStream, derive_seed, eval_resize_size,
                                shard_bounds)
-from aim_megatron.data_shards import IMAGE_EXTENSIONS, parse_label, read_wds_index, scan_tar
+from aim_megatron.data.shards import IMAGE_EXTENSIONS, parse_label, read_wds_index, scan_tar
 
 _RATIO = (3 / 4, 4 / 3)
 

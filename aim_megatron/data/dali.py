@@ -34,9 +34,9 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from aim_megatron.config import Config
-from aim_megatron.data import (Chunk, ImageLoader, Source, SourceStream, derive_seed, eval_resize_size,
+from aim_megatron.data.base import (Chunk, ImageLoader, Source, SourceStream, derive_seed, eval_resize_size,
                                shard_bounds)
-from aim_megatron.data_shards import IMAGE_EXTENSIONS, parse_label
+from aim_megatron.data.shards import IMAGE_EXTENSIONS, parse_label
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import prefix_causal_allowed
-from .config import ModelConfig
-from .model import next_patch_errors, normalized_targets, sincos_2d
+from aim_megatron.models.attention import prefix_causal_allowed
+from aim_megatron.config import ModelConfig
+from aim_megatron.models.aim import next_patch_errors, normalized_targets, sincos_2d
 
 
 class Patchifier(nn.Module):

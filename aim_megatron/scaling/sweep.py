@@ -36,15 +36,15 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 import yaml
 
-from .config import Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, validate
-from .sizing import head_train_flops_per_image, train_flops_per_image, trunk_params
+from aim_megatron.config import Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, validate
+from aim_megatron.scaling.sizing import head_train_flops_per_image, train_flops_per_image, trunk_params
 
 MANIFEST = "sweep.json"
 RESULTS = "results.json"
 FIT = "fit.json"
 LAUNCH_LOG = "launch.jsonl"  # per run: a line per local launch (wall and CPU seconds, exit code)
 PREEMPTED_EXIT_CODE = 3   # trainer contract: checkpointed on SIGTERM/SIGUSR1, requeue-able
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # =========================================================================== planning

@@ -1,0 +1,5 @@
+"""Pre-training.
+
+- ``trainer``: the training loop and the ``aim-pretrain`` command.
+- ``watchdog``: the hang watchdog (heartbeats, stacks, the stuck rank named, exit 3).
+"""
