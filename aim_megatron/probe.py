@@ -3,5 +3,5 @@ command, kept under its documented module name. The probe lives in ``aim_megatro
 import sys
 
 if __name__ == "__main__":
-    from aim_megatron.evaluation.probe import main
+    from aim_megatron.evaluation.probe_cli import main
     sys.exit(main())

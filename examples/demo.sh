@@ -30,7 +30,7 @@ echo "== 3/5 loss curves"
 "$PYTHON" tools/plot_metrics.py "$OUT"
 
 echo "== 4/5 pixel baselines on the same images: logistic regression and k-NN"
-"$PYTHON" -m aim_megatron.baselines "${PROBE_ARGS[@]}" --out "$OUT/probe/pixels"
+"$PYTHON" -m aim_megatron.evaluation.baselines "${PROBE_ARGS[@]}" --out "$OUT/probe/pixels"
 
 echo "== 5/5 attentive probes: pre-trained trunk vs randomly initialised trunk"
 "$PYTHON" -m aim_megatron.probe --checkpoint "$OUT" "${PROBE_ARGS[@]}" --out "$OUT/probe/trained" "${PROBE_SET[@]}"

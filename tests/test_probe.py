@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from aim_megatron.evaluation import labelled_data, probe_cli, probe_train
 from aim_megatron.evaluation import probe as P
 from aim_megatron.config import ConfigError, ModelConfig
 from samples import REAL_JPEGS
@@ -97,11 +98,11 @@ def test_topk_and_confusion_matrix_on_a_hand_made_example():
                            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],    # label 5: last -> miss
                            [0.0, 0.1, 0.0, 0.0, 0.0, 0.0]])   # label 1: hit
     labels = torch.tensor([0, 5, 5, 1])
-    assert P.topk_correct(logits, labels, (1, 2, 5)) == {1: 2, 2: 2, 5: 3}
-    assert P.topk_correct(logits[:, :3], torch.tensor([0, 2, 2, 1]), (5,)) == {5: 4}  # k capped at 3 classes
-    cm = P.confusion_matrix(logits.argmax(1), labels, 6)
+    assert probe_train.topk_correct(logits, labels, (1, 2, 5)) == {1: 2, 2: 2, 5: 3}
+    assert probe_train.topk_correct(logits[:, :3], torch.tensor([0, 2, 2, 1]), (5,)) == {5: 4}  # k capped at 3 classes
+    cm = probe_train.confusion_matrix(logits.argmax(1), labels, 6)
     assert cm[0, 0] == 1 and cm[1, 1] == 1 and cm[5, 2] == 1 and cm[5, 0] == 1 and cm.sum() == 4
-    result = P.evaluate(torch.nn.Identity(), logits, labels, 6)
+    result = probe_train.evaluate(torch.nn.Identity(), logits, labels, 6)
     assert (result["top1"], result["top5"], result["num_samples"]) == (0.5, 0.75, 4)
 
 
@@ -121,9 +122,9 @@ def test_attentive_probe_learns_a_separable_task():
     xt, yt = separable_tokens(500, seed=1)
     cfg = P.ProbeConfig(epochs=15, batch_size=100, lr=1e-2)
     probe = P.AttentiveProbe(32, 4, 10)
-    chance = P.evaluate(probe, xt, yt, 10)["top1"]
-    history = P.train_probe(probe, x, y, 0, len(y), cfg)
-    result = P.evaluate(probe, xt, yt, 10)
+    chance = probe_train.evaluate(probe, xt, yt, 10)["top1"]
+    history = probe_train.train_probe(probe, x, y, 0, len(y), cfg)
+    result = probe_train.evaluate(probe, xt, yt, 10)
     assert history[-1] < history[0] - 0.5
     assert chance < 0.25 and result["top1"] > 0.9, (chance, result["top1"])
 
@@ -140,7 +141,7 @@ ARGS = ["--train-samples", "2000", "--test-samples", "500", "probe.epochs=8", "p
 
 def test_probe_command_tp2_dp2_equals_one_process(tiny_checkpoint, tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
-    assert P.main(["--checkpoint", str(tiny_checkpoint), "--out", str(one), *ARGS]) == 0
+    assert probe_cli.main(["--checkpoint", str(tiny_checkpoint), "--out", str(one), *ARGS]) == 0
     run_distributed("-m", 4, ["aim_megatron.probe", "--checkpoint", str(tiny_checkpoint), "--out", str(four), *ARGS, "parallel.tp=2"])
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, four))
     assert (a["tp"], a["dp"], b["tp"], b["dp"]) == (1, 1, 2, 2)
@@ -159,11 +160,11 @@ def test_probe_command_tp2_dp2_equals_one_process(tiny_checkpoint, tmp_path):
 
 
 def test_probe_command_errors(tiny_checkpoint, capsys):
-    assert P.main(["--checkpoint", str(tiny_checkpoint), "probe.layers=[0,9]"]) == 1
+    assert probe_cli.main(["--checkpoint", str(tiny_checkpoint), "probe.layers=[0,9]"]) == 1
     assert "valid 0-based indices are 0..3" in capsys.readouterr().err
-    assert P.main(["--checkpoint", str(tiny_checkpoint), "parallel.pp=2"]) == 1
+    assert probe_cli.main(["--checkpoint", str(tiny_checkpoint), "parallel.pp=2"]) == 1
     assert "keep parallel.pp=1" in capsys.readouterr().err
-    assert P.main(["--checkpoint", str(tiny_checkpoint.parent / "nothing")]) == 1
+    assert probe_cli.main(["--checkpoint", str(tiny_checkpoint.parent / "nothing")]) == 1
     assert "is not a checkpoint" in capsys.readouterr().err
 
 
@@ -180,26 +181,26 @@ def test_probe_data_npz_fashion_mnist_and_folders(tmp_path):
     rgb[1] = 255
     np.savez(tmp_path / "d.npz", train_images=rgb, train_labels=np.array([0, 1, 2]),
              test_images=rgb[:2], test_labels=np.array([2, 1]), class_names=np.array(["a", "b", "c"]))
-    data = P.open_labelled(str(tmp_path / "d.npz"), "train", cfg(1), max_samples=2)
+    data = labelled_data.open_labelled(str(tmp_path / "d.npz"), "train", cfg(1), max_samples=2)
     assert len(data) == 2 and data.class_names == ["a", "b", "c"]
-    whole = P.open_labelled(str(tmp_path / "d.npz"), "train", cfg(1))
+    whole = labelled_data.open_labelled(str(tmp_path / "d.npz"), "train", cfg(1))
     x = torch.stack([whole[i][0] for i in range(3)])
     assert x.shape == (3, 1, 16, 16)  # RGB -> gray, centered 20x20 square resized to 16 (validation crop)
     torch.testing.assert_close(x[1], torch.ones(1, 16, 16))    # (1 - 0.5) / 0.5
     torch.testing.assert_close(x[0], -torch.ones(1, 16, 16))
-    gray = P.open_labelled("fashion-mnist", "test", cfg(3), max_samples=10)
+    gray = labelled_data.open_labelled("fashion-mnist", "test", cfg(3), max_samples=10)
     x, label, _ = gray[0]
     assert len(gray) == 10 and x.shape == (3, 16, 16) and 0 <= label < 10  # gray -> RGB, ImageNet mean/std
     torch.testing.assert_close(x[0] * 0.229 + 0.485, x[2] * 0.225 + 0.406)
     np.savez(tmp_path / "only_train.npz", train_images=rgb, train_labels=np.array([0, 1, 2]))
     with pytest.raises(FileNotFoundError, match="has no test_images or test_labels; it holds train_images"):
-        P.open_labelled(str(tmp_path / "only_train.npz"), "test", cfg(1))
+        labelled_data.open_labelled(str(tmp_path / "only_train.npz"), "test", cfg(1))
     with pytest.raises(FileNotFoundError, match="train_images/train_labels"):
-        P.open_labelled(str(tmp_path / "missing.npz"), "train", cfg(1))
+        labelled_data.open_labelled(str(tmp_path / "missing.npz"), "train", cfg(1))
 
     # An image folder with class sub-folders: labels from the folders, corrupt files -> None.
     files = make_real_jpeg_folder(tmp_path / "imgs")
-    folder = P.open_labelled(str(tmp_path / "imgs"), "train", cfg(3))
+    folder = labelled_data.open_labelled(str(tmp_path / "imgs"), "train", cfg(3))
     assert len(folder) == len(files["good"]) + len(files["bad"])
     items = [folder[i] for i in range(len(folder))]
     corrupt = sorted(name for x, _, name in items if x is None)
@@ -209,24 +210,24 @@ def test_probe_data_npz_fashion_mnist_and_folders(tmp_path):
     # Split directories, explicit sources, and what fails.
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
-    assert P.data_specs(str(tmp_path)) == {"train": str(tmp_path / "train"), "test": str(tmp_path / "test")}
+    assert labelled_data.data_specs(str(tmp_path)) == {"train": str(tmp_path / "train"), "test": str(tmp_path / "test")}
     (tmp_path / "test").rmdir()
     (tmp_path / "val").mkdir()
-    assert P.data_specs(str(tmp_path))["test"] == str(tmp_path / "val")
-    assert P.data_specs("fashion-mnist", "a", "b") == {"train": "a", "test": "b"}
+    assert labelled_data.data_specs(str(tmp_path))["test"] == str(tmp_path / "val")
+    assert labelled_data.data_specs("fashion-mnist", "a", "b") == {"train": "a", "test": "b"}
     with pytest.raises(FileNotFoundError, match="both --train-data and --test-data"):
-        P.data_specs("fashion-mnist", "a")
+        labelled_data.data_specs("fashion-mnist", "a")
     with pytest.raises(FileNotFoundError, match="no train sub-folder"):
-        P.data_specs(str(tmp_path / "imgs"))
+        labelled_data.data_specs(str(tmp_path / "imgs"))
     (tmp_path / "only_train" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no test or val sub-folder"):
-        P.data_specs(str(tmp_path / "only_train"))
+        labelled_data.data_specs(str(tmp_path / "only_train"))
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.jpg").write_bytes(files["good"][0].read_bytes())
     with pytest.raises(FileNotFoundError, match="has no labels"):
-        P.open_labelled(str(tmp_path / "flat"), "train", cfg(3))
+        labelled_data.open_labelled(str(tmp_path / "flat"), "train", cfg(3))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        P.open_labelled(str(tmp_path / "nowhere"), "train", cfg(3))
+        labelled_data.open_labelled(str(tmp_path / "nowhere"), "train", cfg(3))
 
 
 P_KINDS = list(REAL_JPEGS)
@@ -241,7 +242,7 @@ def test_probe_on_an_image_folder_with_corrupt_files_dp2_equals_one_process(tiny
     args = ["--train-data", str(tmp_path / "imgs"), "--test-data", str(tmp_path / "imgs"),
             "probe.epochs=4", "probe.batch_size=8", "probe.feature_batch_size=5"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert P.main(["--checkpoint", str(tiny_checkpoint), "--out", str(one), *args]) == 0
+    assert probe_cli.main(["--checkpoint", str(tiny_checkpoint), "--out", str(one), *args]) == 0
     run_distributed("-m", 2, ["aim_megatron.probe", "--checkpoint", str(tiny_checkpoint), "--out", str(two), *args])
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert (a["dp"], b["dp"]) == (1, 2)
@@ -268,7 +269,7 @@ def test_probe_on_an_image_folder_with_corrupt_files_dp2_equals_one_process(tiny
     # Features cached in bfloat16 (half the memory), here in a memory-mapped file: the probe is
     # trained in fp32 on them and lands close to the fp32-cache run.
     half = tmp_path / "bf16"
-    assert P.main(["--checkpoint", str(tiny_checkpoint), "--out", str(half), *args,
+    assert probe_cli.main(["--checkpoint", str(tiny_checkpoint), "--out", str(half), *args,
                    "probe.feature_dtype=bfloat16", f"probe.feature_cache_dir={tmp_path / 'cache16'}"]) == 0
     assert np.load(tmp_path / "cache16" / "train-rank00000.npy", mmap_mode="r").dtype == np.uint16  # bf16 bits
     c = json.loads((half / "metrics.json").read_text())

@@ -14,9 +14,15 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from aim_megatron.scaling import sweep as S
+from aim_megatron.scaling.collect import collect_run, read_metrics, record_kind, run_is_complete
+from aim_megatron.scaling.fit import (PARAM_NAMES, LossLaw, bootstrap_loss_law, chinchilla_optimum,
+                                     compute_frontier, compute_optimal, confidence_intervals, fit_compute_law,
+                                     fit_loss_law, flops_model)
+from aim_megatron.scaling.launch import LAUNCH_LOG, trainer_command
+from aim_megatron.scaling.plan import _run_config, load_manifest, load_sweep, plan_runs, write_runs
+from aim_megatron.scaling.plot import plot_fits
 
-TRUE = S.LossLaw(E=0.3, A=60.0, B=90.0, alpha=0.34, beta=0.28)
+TRUE = LossLaw(E=0.3, A=60.0, B=90.0, alpha=0.34, beta=0.28)
 
 
 def grid_points(n_lo=2e6, n_hi=3e8, d_lo=1e6, d_hi=3e8, k=6):
@@ -32,7 +38,7 @@ def noisy(law, N, D, noise, seed):
 
 def test_fit_recovers_exact_law():
     N, D = grid_points()
-    law = S.fit_loss_law(N, D, TRUE(N, D))
+    law = fit_loss_law(N, D, TRUE(N, D))
     assert law.as_array() == pytest.approx(TRUE.as_array(), rel=1e-3)
 
 
@@ -40,7 +46,7 @@ def test_fit_recovers_noisy_law_within_tolerance():
     # 36 runs over 2.2 decades of N and 2.5 of D, 1% log-normal noise. Tolerances are the worst
     # errors over 20 seeds (alpha 0.054, beta 0.010, E 13%, B 14%, A x2) with a small margin.
     N, D = grid_points()
-    law = S.fit_loss_law(N, D, noisy(TRUE, N, D, 0.01, seed=0))
+    law = fit_loss_law(N, D, noisy(TRUE, N, D, 0.01, seed=0))
     assert abs(law.alpha - TRUE.alpha) < 0.06
     assert abs(law.beta - TRUE.beta) < 0.02
     assert law.E == pytest.approx(TRUE.E, rel=0.15)
@@ -53,18 +59,18 @@ def test_fit_recovers_noisy_law_within_tolerance():
 def test_fit_needs_two_sizes_of_each_kind():
     N, D = grid_points()
     with pytest.raises(ValueError, match="2 model sizes"):
-        S.fit_loss_law(np.full(6, 1e7), D[:6], TRUE(1e7, D[:6]))
+        fit_loss_law(np.full(6, 1e7), D[:6], TRUE(1e7, D[:6]))
 
 
 def test_bootstrap_intervals_cover_the_truth():
     N, D = grid_points()
     for seed in range(3):
         L = noisy(TRUE, N, D, 0.01, seed)
-        law = S.fit_loss_law(N, D, L)
-        samples = S.bootstrap_loss_law(N, D, L, law, n_boot=60, seed=seed)
+        law = fit_loss_law(N, D, L)
+        samples = bootstrap_loss_law(N, D, L, law, n_boot=60, seed=seed)
         assert samples.shape == (60, 5)
-        ci = S.confidence_intervals(samples)
-        for name, truth in zip(S.PARAM_NAMES, TRUE.as_array()):
+        ci = confidence_intervals(samples)
+        for name, truth in zip(PARAM_NAMES, TRUE.as_array()):
             lo, hi = ci[name]
             assert lo <= truth <= hi, f"seed {seed}: {name}={truth} outside [{lo}, {hi}]"
         # and the intervals are informative, not everything-goes
@@ -75,7 +81,7 @@ def test_bootstrap_intervals_cover_the_truth():
 def test_compute_law_recovers_exponent():
     C = np.geomspace(1e15, 1e20, 12)
     L = (0.25 + 40.0 * C ** -0.1) * np.exp(np.random.default_rng(1).normal(0, 0.005, C.shape))
-    law = S.fit_compute_law(C, L)
+    law = fit_compute_law(C, L)
     assert law.gamma == pytest.approx(0.1, abs=0.01)
     assert law.E == pytest.approx(0.25, rel=0.05)
 
@@ -83,7 +89,7 @@ def test_compute_law_recovers_exponent():
 def test_compute_frontier_is_running_minimum():
     C = np.array([4.0, 1.0, 2.0, 3.0, 5.0])
     L = np.array([0.5, 1.0, 1.1, 0.7, 0.6])
-    fc, fl = S.compute_frontier(C, L)
+    fc, fl = compute_frontier(C, L)
     assert fc.tolist() == [1.0, 3.0, 4.0] and fl.tolist() == [1.0, 0.7, 0.5]
 
 
@@ -92,28 +98,28 @@ def test_compute_frontier_is_running_minimum():
 def test_compute_optimal_matches_closed_form():
     k = 6 * 256
     for C in (1e18, 1e20, 1e22):
-        n_closed, d_closed = S.chinchilla_optimum(TRUE, C, k)
-        n_num, d_num = S.compute_optimal(TRUE, C, k)
+        n_closed, d_closed = chinchilla_optimum(TRUE, C, k)
+        n_num, d_num = compute_optimal(TRUE, C, k)
         assert n_num == pytest.approx(n_closed, rel=1e-4)
         assert d_num == pytest.approx(d_closed, rel=1e-4)
         assert k * n_num * d_num == pytest.approx(C, rel=1e-9)
     # N_opt grows as C^(beta / (alpha + beta))
-    slope = math.log(S.chinchilla_optimum(TRUE, 1e22, k)[0] / S.chinchilla_optimum(TRUE, 1e18, k)[0]) / \
+    slope = math.log(chinchilla_optimum(TRUE, 1e22, k)[0] / chinchilla_optimum(TRUE, 1e18, k)[0]) / \
         math.log(1e4)
     assert slope == pytest.approx(TRUE.beta / (TRUE.alpha + TRUE.beta), rel=1e-9)
     # G = (alpha A / (beta B))^(1/(alpha+beta)), N_opt = G (C/k)^(beta/(alpha+beta)) by hand at C/k = 1e16
     G = (0.34 * 60 / (0.28 * 90)) ** (1 / 0.62)
-    assert S.chinchilla_optimum(TRUE, 1e16 * k, k)[0] == pytest.approx(G * 1e16 ** (0.28 / 0.62))
+    assert chinchilla_optimum(TRUE, 1e16 * k, k)[0] == pytest.approx(G * 1e16 ** (0.28 / 0.62))
 
 
 def test_fixed_per_image_cost_moves_the_optimum_to_larger_models():
     k, c0, C = 6 * 256, 6 * 256 * 4e8, 1e21     # a 0.4B-param head costs the same for every trunk
-    n, d = S.compute_optimal(TRUE, C, k, c0)
+    n, d = compute_optimal(TRUE, C, k, c0)
     assert d * (k * n + c0) == pytest.approx(C, rel=1e-9)
     best = float(TRUE(n, d))
     for f in (0.97, 1.03):                        # a local minimum along the budget
         assert float(TRUE(n * f, C / (k * n * f + c0))) > best
-    assert n > S.chinchilla_optimum(TRUE, C, k)[0]
+    assert n > chinchilla_optimum(TRUE, C, k)[0]
 
 
 # --------------------------------------------------------------------------- plots
@@ -123,10 +129,10 @@ def test_plots_are_written(tmp_path):
 
     N, D = grid_points(k=4)
     L = noisy(TRUE, N, D, 0.01, 0)
-    law = S.fit_loss_law(N, D, L)
+    law = fit_loss_law(N, D, L)
     C = 6 * 256 * N * D
-    fc, fl = S.compute_frontier(C, L)
-    paths = S.plot_fits(N, D, C, L, law, S.fit_compute_law(fc, fl), tmp_path)
+    fc, fl = compute_frontier(C, L)
+    paths = plot_fits(N, D, C, L, law, fit_compute_law(fc, fl), tmp_path)
     assert [p.name for p in paths] == ["fit.png", "residuals.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 20_000
@@ -147,7 +153,7 @@ def test_read_metrics_tolerates_truncation_resume_and_duplicates(tmp_path):
         '{"step": 2, "images_seen": 128, "loss": 1.75, "lr": 0.001}\n'  # re-logged after resume
         'not json at all\n'
         '{"step": 4, "images_seen": 256, "loss": 1.6, "l')              # truncated last line
-    records, bad = S.read_metrics(path)
+    records, bad = read_metrics(path)
     assert bad == 2
     assert [(r["step"], r.get("loss"), r.get("val_loss")) for r in records] == [
         (1, 2.0, None), (2, 1.75, None), (2, None, 1.9), (3, 1.7, None)]
@@ -161,12 +167,12 @@ def test_collect_run_final_and_intermediate(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(text)
     run = {"name": "r", "trunk_params": 1000, "images": 320, "flops_per_image": 10.0,
            "train_iters": 10, "global_batch_size": 32}
-    res = S.collect_run(tmp_path, run)
+    res = collect_run(tmp_path, run)
     assert res.complete and res.last_step == 10 and res.unreadable_lines == 1
     assert res.curve == [(5, 160, 2.6), (10, 320, 2.1)]
     assert (res.final_val_step, res.final_val_loss) == (10, 2.1)
     assert res.final_train_loss == pytest.approx(np.mean([2.4, 2.3, 2.2, 2.1, 2.0]))
-    incomplete = S.collect_run(tmp_path, {**run, "train_iters": 20})
+    incomplete = collect_run(tmp_path, {**run, "train_iters": 20})
     assert not incomplete.complete
 
 
@@ -182,16 +188,16 @@ def test_run_is_complete_only_after_the_final_evaluation(tmp_path):
     train = [{"step": s, "images_seen": 32 * s, "loss": 1.0, "lr": 1e-3} for s in range(1, 5)]
     shards = {"train_sources": ["shards/a"], "val_sources": ["shards/b"]}
     write(shards, train[:2] + [{"step": 2, "val_loss": 0.9}] + train[2:])
-    assert not S.run_is_complete(tmp_path, 4) and not S.collect_run(tmp_path, run).complete
+    assert not run_is_complete(tmp_path, 4) and not collect_run(tmp_path, run).complete
     write(shards, train + [{"step": 4, "val_loss": 0.8}])
-    assert S.run_is_complete(tmp_path, 4)
-    res = S.collect_run(tmp_path, run)
+    assert run_is_complete(tmp_path, 4)
+    res = collect_run(tmp_path, run)
     assert res.complete and (res.final_val_step, res.final_val_loss) == (4, 0.8)
     # no validation configured: the last train step is the end (synthetic data validates itself)
     write({"train_sources": ["shards/a"], "val_sources": []}, train)
-    assert S.run_is_complete(tmp_path, 4)
+    assert run_is_complete(tmp_path, 4)
     write({"train_sources": ["synthetic"], "val_sources": []}, train)
-    assert not S.run_is_complete(tmp_path, 4)
+    assert not run_is_complete(tmp_path, 4)
 
 
 def test_trainers_complete_record_decides_and_keeps_the_last_train_record(tmp_path):
@@ -203,30 +209,30 @@ def test_trainers_complete_record_decides_and_keeps_the_last_train_record(tmp_pa
     run = {"name": "r", "trunk_params": 1000, "images": 128, "flops_per_image": 10.0,
            "train_iters": 4, "global_batch_size": 32}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train))
-    assert not S.run_is_complete(tmp_path, 4) and not S.collect_run(tmp_path, run).complete
+    assert not run_is_complete(tmp_path, 4) and not collect_run(tmp_path, run).complete
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in train + [done]))
-    records, _ = S.read_metrics(tmp_path / "metrics.jsonl")
-    assert [S.record_kind(r) for r in records] == ["train"] * 4 + ["event"]
-    res = S.collect_run(tmp_path, run)
-    assert S.run_is_complete(tmp_path, 4) and res.complete and res.last_step == 4
+    records, _ = read_metrics(tmp_path / "metrics.jsonl")
+    assert [record_kind(r) for r in records] == ["train"] * 4 + ["event"]
+    res = collect_run(tmp_path, run)
+    assert run_is_complete(tmp_path, 4) and res.complete and res.last_step == 4
     assert res.final_train_loss == pytest.approx(np.mean([1.9, 1.8, 1.7, 1.6]))
-    assert not S.run_is_complete(tmp_path, 8)   # a record from a shorter schedule does not count
+    assert not run_is_complete(tmp_path, 8)   # a record from a shorter schedule does not count
 
 
 def test_flops_come_from_the_trainers_count(sweep):
     from aim_megatron.scaling import flops
     from aim_megatron.scaling import sizing
     spec, _, out = sweep
-    sweep_spec = S.load_sweep(spec)
+    sweep_spec = load_sweep(spec)
     sweep_spec.flops = "aim"
-    runs = S.plan_runs(sweep_spec)
-    S.write_runs(sweep_spec, runs, out)
+    runs = plan_runs(sweep_spec)
+    write_runs(sweep_spec, runs, out)
     for run in runs:
-        m = S._run_config(sweep_spec, run.model).model
+        m = _run_config(sweep_spec, run.model).model
         assert run.flops_per_image == flops.train_flops_per_image(m)   # what the trainer's MFU uses
-    manifest = S.load_manifest(out)
-    k, c0 = S.flops_model(manifest)
-    base = S._run_config(sweep_spec, {}).model
+    manifest = load_manifest(out)
+    k, c0 = flops_model(manifest)
+    base = _run_config(sweep_spec, {}).model
     assert k == 6 * 49 and c0 == sizing.head_train_flops_per_image(base) > 0
     # k N + c0 leaves out only attention and the few non-matmul parameters of the trunk
     for run in runs:
@@ -239,7 +245,6 @@ FAKE_TRAINER = textwrap.dedent('''
     """Fake trainer honouring the contract: --config CFG, metrics.jsonl in train.output_dir,
     exit 3 when asked to simulate preemption. Val loss follows a known L(N, D)."""
     import json, os, sys
-    sys.path.insert(0, os.environ["AIM_ROOT"])
     from aim_megatron.config import config_from_dict
     from aim_megatron.scaling.sizing import trunk_params
     import yaml
@@ -286,18 +291,18 @@ def sweep(tmp_path):
 
 
 def tool(*args, env=None):
-    env = {**os.environ, "AIM_ROOT": str(ROOT), **(env or {})}
+    env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "tools" / "scaling_sweep.py"), *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
 
 
 def test_plan_writes_resolved_configs(sweep):
     spec, _, out = sweep
-    runs = S.plan_runs(S.load_sweep(spec))
+    runs = plan_runs(load_sweep(spec))
     assert [r.name for r in runs][:3] == ["w32-d2-h2-i640", "w32-d2-h2-i1.28e3", "w32-d2-h2-i2.56e3"]
     assert [r.train_iters for r in runs[:3]] == [10, 20, 40]
     assert runs[0].trunk_params == 2 * (12 * 32 * 32 + 4 * 32) + (16 * 32 + 32 + 64) + 64
-    S.write_runs(S.load_sweep(spec), runs, out)
+    write_runs(load_sweep(spec), runs, out)
     data = yaml.safe_load((out / "w64-d2-h4-i640" / "config.yaml").read_text())
     assert data["model"]["hidden_size"] == 64 and data["model"]["num_heads"] == 4
     assert data["train"]["train_iters"] == 10 and data["train"]["output_dir"] == str(out / "w64-d2-h4-i640")
@@ -316,10 +321,10 @@ def test_auto_dtype_reaches_the_nodes_that_train(sweep, monkeypatch):
     spec, _, out = sweep
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    sweep_spec = S.load_sweep(spec)
+    sweep_spec = load_sweep(spec)
     sweep_spec.base["train"]["params_dtype"] = "auto"
-    runs = S.plan_runs(sweep_spec)
-    S.write_runs(sweep_spec, runs, out)
+    runs = plan_runs(sweep_spec)
+    write_runs(sweep_spec, runs, out)
     for run in runs:
         data = yaml.safe_load((out / run.name / "config.yaml").read_text())
         assert data["train"]["params_dtype"] == "auto", run.name
@@ -338,11 +343,11 @@ def test_plan_rejects_bad_grids(sweep, tmp_path):
 
 def test_trainer_command_construction():
     py = sys.executable
-    assert S.trainer_command("c.yaml") == [py, "-m", "aim_megatron.train", "--config", "c.yaml"]
-    assert S.trainer_command("c.yaml", "fake.py", nproc=2) == [
+    assert trainer_command("c.yaml") == [py, "-m", "aim_megatron.train", "--config", "c.yaml"]
+    assert trainer_command("c.yaml", "fake.py", nproc=2) == [
         py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fake.py",
         "--config", "c.yaml"]
-    assert S.trainer_command("c.yaml", nproc=4)[5:7] == ["-m", "aim_megatron.train"]
+    assert trainer_command("c.yaml", nproc=4)[5:7] == ["-m", "aim_megatron.train"]
 
 
 def test_sweep_end_to_end_with_fake_trainer(sweep):
@@ -359,7 +364,7 @@ def test_sweep_end_to_end_with_fake_trainer(sweep):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("[skip]") == 3 and r.stdout.count("[run]") == 6
     assert r.stdout.count("[done]") == 6 and "exit 0" in r.stdout
-    timing = json.loads((out / "w128-d2-h8-i640" / S.LAUNCH_LOG).read_text())
+    timing = json.loads((out / "w128-d2-h8-i640" / LAUNCH_LOG).read_text())
     assert timing["exit_code"] == 0 and timing["jobs"] == 3 and timing["cpu_s"] > 0
     inv = [json.loads(x) for x in (out / "w32-d2-h2-i640" / "invocations.jsonl").read_text().splitlines()]
     assert len(inv) == 1   # complete runs are not started again
@@ -381,8 +386,8 @@ def test_sweep_end_to_end_with_fake_trainer(sweep):
 
     r = tool("predict", out / "fit.json", "--compute", "1e15")
     assert r.returncode == 0, r.stderr
-    law = S.LossLaw(**fit["law"])
-    n_opt, _ = S.chinchilla_optimum(law, 1e15, 6 * 49)     # 6ND with 49 patches per image
+    law = LossLaw(**fit["law"])
+    n_opt, _ = chinchilla_optimum(law, 1e15, 6 * 49)     # 6ND with 49 patches per image
     assert f"N_opt = {n_opt:.4g}" in r.stdout and "95% CI" in r.stdout
 
 

@@ -35,15 +35,16 @@ def test_scripts_are_shellcheck_clean():
 
 def test_generated_sweep_array_is_shellcheck_clean(tmp_path):
     assert shutil.which("shellcheck"), "shellcheck missing: run `make setup` (apt-get install shellcheck)"
-    from aim_megatron.scaling import sweep as S
-    (tmp_path / S.MANIFEST).write_text(json.dumps({"name": "x", "runs": [{"name": "a"}, {"name": "b"}]}))
+    from aim_megatron.scaling import launch as S
+    from aim_megatron.scaling.plan import MANIFEST
+    (tmp_path / MANIFEST).write_text(json.dumps({"name": "x", "runs": [{"name": "a"}, {"name": "b"}]}))
     script = tmp_path / "sweep.sbatch"
     script.write_text(S.slurm_array_script(tmp_path, ROOT, nodes=2, account="proj"))
     assert "#SBATCH --array=0-1" in script.read_text() and "#SBATCH --account=proj" in script.read_text()
     r = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
     # --gpus-per-node 0: CPU nodes, where any GPU request fails the submission
-    (tmp_path / S.MANIFEST).write_text(json.dumps({"name": "x", "world_size": 2, "runs": [{"name": "a"}]}))
+    (tmp_path / MANIFEST).write_text(json.dumps({"name": "x", "world_size": 2, "runs": [{"name": "a"}]}))
     cpu = S.slurm_array_script(tmp_path, ROOT, gpus_per_node=0)
     assert "--gpus" not in cpu and "#SBATCH --nodes=1" in cpu and "export AIM_GPUS_PER_NODE=2" in cpu
 
@@ -298,5 +299,5 @@ def test_sweep_finish_fits_once_when_every_run_is_complete(tmp_path):
 
 
 def _array_script(out):
-    from aim_megatron.scaling import sweep as S
+    from aim_megatron.scaling import launch as S
     return S.slurm_array_script(out, ROOT, gpus_per_node=0, fit_args=["--intermediate"])

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from aim_megatron.scaling import sweep as S
+from aim_megatron.scaling.collect import RESULTS
 from aim_megatron.data.shards import read_idx, shards_from_arrays
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -81,7 +81,7 @@ def test_real_sweep_loss_falls_with_model_size(tmp_path):
     r = tool("collect", out)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "3/3 runs complete" in r.stdout
-    results = json.loads((out / S.RESULTS).read_text())
+    results = json.loads((out / RESULTS).read_text())
     assert [x["name"] for x in results] == names
     for x in results:
         assert x["complete"] and x["last_step"] == STEPS and x["final_val_step"] == STEPS

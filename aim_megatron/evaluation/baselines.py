@@ -1,10 +1,10 @@
 """Pixel baselines for the probe: multinomial logistic regression and k-nearest neighbours on raw pixels.
 
-    python -m aim_megatron.baselines --data data/fashion-mnist [--train-samples N] [--test-samples N] \\
-        [--out DIR]
+    python -m aim_megatron.evaluation.baselines --data data/fashion-mnist [--train-samples N] \\
+        [--test-samples N] [--out DIR]
 
 A learned representation is only worth something if a probe on it beats these. They read exactly
-the images the probe reads (``probe.open_labelled``: same sources, same seeded subsets), as raw
+the images the probe reads (``labelled_data.open_labelled``: same sources, same seeded subsets), as raw
 pixels in [0, 1], one vector per image. Hyper-parameters (the L2 strength of the regression, k of
 k-NN) are chosen on a fixed 10% of the training split held out from fitting, then the model is
 refit on the whole training split; the test split is used once. numpy/torch only (no sklearn).
@@ -36,7 +36,7 @@ def load_pixels(spec: str, split: str, max_samples: Optional[int] = None, subset
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 [n, H*W*C], int64 labels [n]) of the images ``aim-probe`` reads for ``split``.
     Every image must have the same size (true of Fashion-MNIST and .npz arrays)."""
-    from aim_megatron.evaluation.probe import open_labelled
+    from aim_megatron.evaluation.labelled_data import open_labelled
     images = open_labelled(spec, split, cfg=None, max_samples=max_samples, subset_seed=subset_seed)
     xs, ys = [], []
     t0 = time.perf_counter()
@@ -66,21 +66,29 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, ma
                init: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression: minimise mean cross-entropy + l2/2 * |W|^2 (bias not
     penalised) with full-batch L-BFGS, from zeros or from ``init`` (W, b). The objective is
-    convex, so the start only changes how fast we get to the one optimum. Returns (W [d, c], b [c])."""
+    convex, so the start only changes how fast we get to the one optimum. Returns (W [d, c], b [c]).
+
+    L-BFGS runs on U = W / s, s = min(1, 1/sqrt(l2)), so that the penalty's curvature is at most 1,
+    the scale of the bias's (a softmax's curvature is below 1/2). Unscaled, W's curvature (l2) dwarfs
+    b's under a strong penalty: the line search takes steps sized for W, b moves by
+    almost nothing per step, the float32 loss stops changing and L-BFGS stops with b far from its
+    optimum (softmax(b) 1.7 points off the class frequencies at l2 = 1e5, still uniform at 1e6).
+    For l2 <= 1, s = 1 and the iterates are exactly those of L-BFGS on W."""
     x = x.float()
+    scale = 1.0 if l2 <= 1 else l2 ** -0.5
     w0, b0 = init if init is not None else (torch.zeros(x.shape[1], num_classes), torch.zeros(num_classes))
-    w, b = w0.clone().float().requires_grad_(), b0.clone().float().requires_grad_()
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
+    u, b = (w0.clone().float() / scale).requires_grad_(), b0.clone().float().requires_grad_()
+    opt = torch.optim.LBFGS([u, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss = F.cross_entropy(x @ (u * scale) + b, y) + 0.5 * (l2 * scale * scale) * (u * u).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return w.detach(), b.detach()
+    return (u * scale).detach(), b.detach()
 
 
 def logreg_predict(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -182,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    from aim_megatron.evaluation.probe import data_specs
+    from aim_megatron.evaluation.labelled_data import data_specs
     try:
         specs = data_specs(args.data, args.train_data, args.test_data)
         train = load_pixels(specs["train"], "train", args.train_samples)

@@ -2,5 +2,14 @@
 
 - ``flops``: training FLOPs per image and device peak throughput (MFU).
 - ``sizing``: parameter counts, memory estimates and the layout planner for a GPU count.
-- ``sweep``: plan, launch, collect and fit scaling-law sweeps.
+- ``estimate_memory``: the ``aim-estimate-memory`` command (per-GPU memory of a layout).
+- ``slurm_layout``: the ``aim-layout`` command (dry-run of a Slurm allocation's layout).
+- ``plan``: a sweep grid spec resolved into one trainer config per run, and the manifest.
+- ``launch``: running a sweep's incomplete runs locally, or a Slurm job array for them.
+- ``collect``: reading runs' metrics.jsonl, completeness, results.json / results.csv.
+- ``fit``: fitting L(N, D) and L(C), bootstrap intervals, compute-optimal predictions.
+- ``plot``: the fit's plots (fit.png, residuals.png).
+- ``cli``: the ``aim-sweep`` command (plan / launch / collect / finish / fit / predict).
+- ``simulate``, ``simulate_data``: a world of thousands of GPUs simulated rank by rank on one CPU
+  process (sharding, distributed optimizer, memory, resharding and the data path checked).
 """
