@@ -26,6 +26,15 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.4", "nvidia-dali-cuda120==2.4.0"],
         "test": ["pytest>=8"],
     },
-    entry_points={"console_scripts": ["aim-pretrain=aim_megatron.training.trainer:main",
-                                      "aim-probe=aim_megatron.evaluation.probe:main"]},
+    entry_points={"console_scripts": [
+        "aim-pretrain=aim_megatron.training.main:main",
+        "aim-probe=aim_megatron.evaluation.probe_cli:main",
+        "aim-convert=aim_megatron.checkpoint.convert:main",
+        "aim-reshard=aim_megatron.checkpoint.reshard:main",
+        "aim-make-shards=aim_megatron.data.make_shards:main",
+        "aim-sweep=aim_megatron.scaling.cli:main",
+        "aim-estimate-memory=aim_megatron.scaling.estimate_memory:main",
+        "aim-layout=aim_megatron.scaling.slurm_layout:main",
+        "aim-plot-metrics=aim_megatron.training.plot_metrics:main",
+    ]},
 )

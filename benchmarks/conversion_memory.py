@@ -31,13 +31,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 GB = 1e9
 
 WRITE_RANDOM = """
-import sys, torch
-sys.path.insert(0, {root!r})
+import torch
 from aim_megatron.checkpoint import streaming
 from aim_megatron.config import load_config
 from aim_megatron.models.reference import ReferenceAIM
@@ -51,24 +49,19 @@ streaming.write_single_file({out!r}, shapes, lambda names: {{n: torch.rand(shape
 """
 
 OLD_IMPORT = """
-import sys, importlib.util
-sys.path.insert(0, {root!r})
-spec = importlib.util.spec_from_file_location("c", {root!r} + "/tools/convert_checkpoint.py")
-c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)
 from pathlib import Path
+from aim_megatron.checkpoint.convert import import_official
+from aim_megatron.checkpoint.official import RELEASED_LAYERNORM_EPS
 from aim_megatron.config import load_config
-cfg = load_config(None, [c.RELEASED_LAYERNORM_EPS, *{overrides!r}, "train.output_dir={dst}"])
-c.import_official(Path({src!r}), Path({dst!r}), cfg)
+cfg = load_config(None, [RELEASED_LAYERNORM_EPS, *{overrides!r}, "train.output_dir={dst}"])
+import_official(Path({src!r}), Path({dst!r}), cfg)
 """
 
 OLD_EXPORT = """
-import sys, importlib.util
-sys.path.insert(0, {root!r})
-spec = importlib.util.spec_from_file_location("c", {root!r} + "/tools/convert_checkpoint.py")
-c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)
 from pathlib import Path
 from aim_megatron.checkpoint import checkpointer as checkpoint
-checkpoint.write_state_dict(c.export_official(Path({src!r})), Path({out!r}))
+from aim_megatron.checkpoint.convert import export_official
+checkpoint.write_state_dict(export_official(Path({src!r})), Path({out!r}))
 """
 
 
@@ -140,11 +133,11 @@ def bench(name: str, overrides: list[str], work: Path, fmt: str, old: bool) -> l
               f" GB, wall {row['wall_s']:7.1f} s", flush=True)
 
     work.mkdir(parents=True, exist_ok=True)
-    add(measure([py, "-c", WRITE_RANDOM.format(root=str(ROOT), overrides=overrides, out=str(src))], "write random file"))
+    add(measure([py, "-c", WRITE_RANDOM.format(overrides=overrides, out=str(src))], "write random file"))
     if old:
-        add(measure([py, "-c", OLD_IMPORT.format(root=str(ROOT), overrides=overrides, src=str(src),
-                                                 dst=str(dst))], "old import (in-memory)"))
-        add(measure([py, "-c", OLD_EXPORT.format(root=str(ROOT), src=str(step), out=str(out))],
+        add(measure([py, "-c", OLD_IMPORT.format(overrides=overrides, src=str(src), dst=str(dst))],
+                    "old import (in-memory)"))
+        add(measure([py, "-c", OLD_EXPORT.format(src=str(step), out=str(out))],
                     "old export (in-memory)"))
         shutil.rmtree(dst)
         out.unlink()
@@ -181,7 +174,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.workdir.exists():
         raise SystemExit(f"--workdir {args.workdir} exists; pass a new one (it is deleted afterwards)")
-    floor = measure([sys.executable, "-c", "import torch, megatron.core, aim_megatron.streaming"],
+    floor = measure([sys.executable, "-c", "import torch, megatron.core, aim_megatron.checkpoint.streaming"],
                     "python + torch + megatron-core imports")
     floor.update(model="-", model_gb=float("nan"), rss_ratio=float("nan"), anon_ratio=float("nan"))
     rows = [floor]

@@ -22,12 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from aim_megatron.config import load_config  # noqa: E402
-from aim_megatron.data import dali_available  # noqa: E402
+from aim_megatron.config import load_config
+from aim_megatron.data import dali_available
 
 # aim-600M pre-training (FACTS section 1): the trainer's own FLOP count (aim_megatron/scaling/flops.py).
 H100_BF16_PEAK = 989e12

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from aim_megatron.distributed import parallel  # noqa: E402
-from aim_megatron.config import load_config  # noqa: E402
-from aim_megatron.models.aim import loss_mask  # noqa: E402
-from aim_megatron.models.attention import prefix_causal_allowed  # noqa: E402
-from aim_megatron.models.reference import ReferenceAIM, megatron_to_reference  # noqa: E402
+from aim_megatron.checkpoint.official import megatron_to_reference
+from aim_megatron.config import load_config
+from aim_megatron.distributed import parallel
+from aim_megatron.models.aim import loss_mask
+from aim_megatron.models.attention import prefix_causal_allowed
+from aim_megatron.models.reference import ReferenceAIM
 
 
 def timed(fn, iters: int) -> float:

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 # A small AIM with every structural piece: 16 patches, 4 trunk layers, 2 head blocks.

@@ -6,19 +6,16 @@
         load STEP in the layout the overrides give and save the full weights (rank 0)
 """
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from aim_megatron.checkpoint import checkpointer as checkpoint
-from aim_megatron.distributed import parallel  # noqa: E402
-from aim_megatron.config import load_config  # noqa: E402
+from aim_megatron.checkpoint import convert
+from aim_megatron.checkpoint.official import RELEASED_LAYERNORM_EPS
+from aim_megatron.config import load_config
+from aim_megatron.distributed import parallel
 
 
 def main():
@@ -30,10 +27,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
     if args.command == "import":
-        spec = importlib.util.spec_from_file_location("convert", ROOT / "tools" / "convert_checkpoint.py")
-        convert = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(convert)
-        cfg = load_config(None, [convert.RELEASED_LAYERNORM_EPS, *args.overrides, f"train.output_dir={args.dst}"])
+        cfg = load_config(None, [RELEASED_LAYERNORM_EPS, *args.overrides, f"train.output_dir={args.dst}"])
         convert.import_official(args.src, args.dst, cfg)
     else:
         cfg = checkpoint.config_from_checkpoint(args.src, args.overrides)

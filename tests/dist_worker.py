@@ -6,17 +6,13 @@ Every layout sees the same global batches and (with --weights) the same initial 
 losses, gradients and parameters can be compared against a single-process run.
 """
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from aim_megatron.distributed import parallel  # noqa: E402
-from aim_megatron.config import load_config  # noqa: E402
-from aim_megatron.data import prefix_lengths  # noqa: E402
+from aim_megatron.config import load_config
+from aim_megatron.data import prefix_lengths
+from aim_megatron.distributed import parallel
 
 
 def global_batch(cfg, step: int) -> dict:

@@ -1,21 +1,16 @@
 """Official AIM v1 state dicts <-> aim-megatron checkpoints: import at TP=2 and at PP=2, export
 back bit-identically (trunk and probe head), features of the imported trunk equal the plain-PyTorch
 reference's, and files of another size, missing keys or impossible probe layers fail clearly."""
-import importlib.util
-
 import pytest
 import torch
 
 from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.checkpoint import convert, official
 from aim_megatron.distributed import parallel
 from aim_megatron.config import load_config
 from aim_megatron.evaluation.probe import AttentiveProbe, load_probe
 from aim_megatron.models.reference import ReferenceAIM
-from conftest import ROOT, TINY, run_distributed
-
-_spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
+from conftest import TINY, run_distributed
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,8 +104,8 @@ def test_imported_trunk_features_match_reference(imported_tp2):
 def test_file_of_another_size_names_key_shapes_and_preset():
     wide = official_state_dict(["model.hidden_size=64"], with_probe=False)
     tiny = load_config(None, TINY).model
-    with pytest.raises(convert.ConvertError) as err:
-        convert.check_trunk(wide, tiny)
+    with pytest.raises(official.ConvertError) as err:
+        official.check_trunk(wide, tiny)
     msg = str(err.value)
     assert "preprocessor.patchifier.proj.weight" in msg and "[64, 3, 4, 4]" in msg and "[32, 3, 4, 4]" in msg
     assert "no preset (width 64, depth 4, patch 4" in msg and "model.hidden_size=64" in msg
@@ -118,21 +113,21 @@ def test_file_of_another_size_names_key_shapes_and_preset():
     with torch.device("meta"):
         big = {k: v for k, v in ReferenceAIM(load_config(None, ["model.preset=aim-600M"]).model)
                .state_dict().items() if not k.startswith("head.")}
-    with pytest.raises(convert.ConvertError, match=r"\[1536, 3, 14, 14\].*preset aim-600M.*model.preset=aim-600M"):
-        convert.check_trunk(big, tiny)
+    with pytest.raises(official.ConvertError, match=r"\[1536, 3, 14, 14\].*preset aim-600M.*model.preset=aim-600M"):
+        official.check_trunk(big, tiny)
 
 
 def test_missing_and_unexpected_keys_are_named():
     tiny = load_config(None, TINY).model
     sd = official_state_dict(with_probe=False)
     del sd["trunk.blocks.2.mlp.fc1.weight"]
-    with pytest.raises(convert.ConvertError, match=r"1 missing keys, e.g. \['trunk.blocks.2.mlp.fc1.weight'\]"):
-        convert.check_trunk(sd, tiny)
+    with pytest.raises(official.ConvertError, match=r"1 missing keys, e.g. \['trunk.blocks.2.mlp.fc1.weight'\]"):
+        official.check_trunk(sd, tiny)
     deep = official_state_dict(["model.num_layers=6"], with_probe=False)
-    with pytest.raises(convert.ConvertError, match=r"unexpected keys.*trunk.blocks.4.*width 32, depth 6"):
-        convert.check_trunk(deep, tiny)
-    with pytest.raises(convert.ConvertError, match="not AIM v1"):
-        convert.split_official({**sd, "decoder.weight": torch.zeros(1)})
+    with pytest.raises(official.ConvertError, match=r"unexpected keys.*trunk.blocks.4.*width 32, depth 6"):
+        official.check_trunk(deep, tiny)
+    with pytest.raises(official.ConvertError, match="not AIM v1"):
+        official.split_official({**sd, "decoder.weight": torch.zeros(1)})
 
 
 def test_import_cli_errors(tmp_path, capsys):

@@ -6,7 +6,6 @@ the float32 sin-cos positions, the three ways its trainer leaves weights on disk
 forward pass and loss of its AIM v1 (used to check that an imported checkpoint computes what
 ml-l3m computes). Round trips: l3m -> ours (TP=2) -> l3m is bit-identical; ours -> l3m -> ours
 (PP=2) gives the same parameters. Bad input ends in one line that names the fix."""
-import importlib.util
 import math
 
 import numpy as np
@@ -15,15 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.checkpoint import convert
 from aim_megatron.checkpoint import l3m as l3m_format
 from aim_megatron.distributed import parallel
 from aim_megatron.config import load_config
 from aim_megatron.models.aim import loss_mask
-from conftest import ROOT, TINY, run_distributed
-
-_spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
+from conftest import TINY, run_distributed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -316,7 +312,7 @@ def test_training_continues_from_the_import_as_from_fresh_weights(imported):
     """aim-pretrain resumes from an imported (step-0, weights-only) checkpoint, and its first
     AdamW update is the one a fresh optimizer makes from the same weights (the import holds no
     optimizer state: load leaves the optimizer and LR schedule freshly built)."""
-    from aim_megatron.training.trainer import build_scheduler
+    from aim_megatron.training.optim import build_scheduler
     _, root, _, _ = imported
     step = checkpoint.resolve(root / "run" / "checkpoints")
     cfg = checkpoint.config_from_checkpoint(step, [*convert.SINGLE_PROCESS, "train.micro_batch_size=16"])

@@ -11,7 +11,8 @@ from aim_megatron.distributed import parallel
 from aim_megatron.config import PRESETS, load_config
 from aim_megatron.models.attention import prefix_causal_allowed
 from aim_megatron.models.aim import (loss_mask, normalized_targets, patchify, sincos_2d, transformer_configs, AIMModel, select_backend)
-from aim_megatron.models.reference import ReferenceAIM, megatron_to_reference, reference_to_megatron
+from aim_megatron.checkpoint.official import megatron_to_reference, reference_to_megatron
+from aim_megatron.models.reference import ReferenceAIM
 from conftest import TINY
 
 

@@ -3,7 +3,6 @@ exports from TP=2 and PP=2 (distributed optimizer) checkpoints are bit-identical
 byte for byte), a streamed import loads into TP=2 and TP=2 x PP=2 as the in-memory import does
 and trains identically from a fresh optimizer, the files are read by safetensors, torch.load
 and zip tools with the released AIM v1 key set, and a reshard links the files unchanged."""
-import importlib.util
 import json
 import shutil
 import zipfile
@@ -14,25 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from aim_megatron.checkpoint import checkpointer as checkpoint
-from aim_megatron.distributed import parallel
-from aim_megatron.checkpoint import streaming
+from aim_megatron.checkpoint import convert, reshard, streaming
+from aim_megatron.checkpoint.official import RELEASED_LAYERNORM_EPS, reference_to_megatron
 from aim_megatron.config import load_config
-from aim_megatron.models.reference import reference_to_megatron
-from conftest import ROOT, TINY, run_distributed
+from aim_megatron.distributed import parallel
+from conftest import TINY, run_distributed
 from test_convert import official_state_dict
 from test_training import BASE, losses, pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert, reshard = tool("convert_checkpoint"), tool("reshard_checkpoint")
 
 
 def released_trunk_shapes(d: int, depth: int, patch: int, channels: int) -> dict:
@@ -109,7 +98,7 @@ def test_streamed_export_equals_in_memory_export(tmp_path, layout, nproc):
 
 
 def in_memory_import(src, dst, overrides):
-    cfg = load_config(None, [convert.RELEASED_LAYERNORM_EPS, *overrides, f"train.output_dir={dst}"])
+    cfg = load_config(None, [RELEASED_LAYERNORM_EPS, *overrides, f"train.output_dir={dst}"])
     try:
         return convert.import_official(src, dst, cfg)
     finally:
@@ -126,7 +115,7 @@ def test_streamed_import_loads_into_layouts_as_the_in_memory_import(tmp_path):
     assert checkpoint.read_meta(streamed)["weights_only"]
     old = in_memory_import(src, tmp_path / "o", TINY)
 
-    cfg = load_config(None, [convert.RELEASED_LAYERNORM_EPS, *TINY])
+    cfg = load_config(None, [RELEASED_LAYERNORM_EPS, *TINY])
     trunk = {k: v for k, v in sd.items() if not k.startswith("head.")}
     expected = reference_to_megatron({**trunk, **convert.fresh_pretraining_head(cfg.model, cfg.train.seed)},
                                      cfg.model)

@@ -1,8 +1,9 @@
 """Checkpoints of Apple's pre-training code (apple/ml-l3m, AIM v1) <-> the released AIM v1 names.
 
-``tools/convert_checkpoint.py --format l3m`` uses this module; ``aim_megatron/models/reference.py``
-maps the released names to megatron-core's. What ml-l3m writes, as read from its code
-(configs/aimv1/001_aim_v1_600M.yaml and the modules it names under src/l3m/):
+``aim-convert --format l3m`` (``aim_megatron/checkpoint/convert.py``) uses this module;
+``aim_megatron/checkpoint/official.py`` maps the released names to megatron-core's. What ml-l3m
+writes, as read from its code (configs/aimv1/001_aim_v1_600M.yaml and the modules it names under
+src/l3m/):
 
 * The model is ``MetaModel(preprocessor=MultiBlock([ViTPreprocessor, FlexAttnPrefixAttentionMaskBuilder]),
   trunk=Transformer, postprocessor=Identity, head=SimpleDecoder)``; its state dict holds (D trunk
@@ -51,7 +52,7 @@ import numpy as np
 import torch
 
 from aim_megatron.config import ModelConfig
-from aim_megatron.models.reference import state_dict_mismatch
+from aim_megatron.checkpoint.official import state_dict_mismatch
 
 PRE = "preprocessor.blocks.0."
 POS_KEYS = (PRE + "pos_embed", "head.decoder_pos_embed")

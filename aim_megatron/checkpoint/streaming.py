@@ -459,7 +459,7 @@ def export_checkpoint(step_dir: Path, out: Path, names: str = "official",
     names, sorted), those for which ``keep(name)``; then ``extra`` tensors (a probe head).
     Returns (tensors, parameters) written."""
     from aim_megatron.checkpoint import checkpointer as checkpoint
-    from aim_megatron.models.reference import megatron_to_reference, name_map
+    from aim_megatron.checkpoint.official import megatron_to_reference, name_map
     cfg = checkpoint.config_from_checkpoint(step_dir)
     slots = checkpoint_slots(cfg)
     reader = DistCheckpointReader(step_dir, slots)

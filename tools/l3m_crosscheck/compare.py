@@ -1,17 +1,14 @@
 """Scratch: ml-l3m's recorded outputs vs aim-megatron on the imported checkpoint (same weights, input)."""
-import sys, importlib.util
+import sys
 from pathlib import Path
 import torch
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 from aim_megatron.checkpoint import checkpointer as checkpoint
+from aim_megatron.checkpoint.convert import SINGLE_PROCESS
 from aim_megatron.distributed import parallel
 from aim_megatron.models.aim import loss_mask
-spec = importlib.util.spec_from_file_location("cc", ROOT / "tools" / "convert_checkpoint.py")
-cc = importlib.util.module_from_spec(spec); spec.loader.exec_module(cc)
 run, refp = Path(sys.argv[1]), Path(sys.argv[2])
 step = checkpoint.resolve(run / "checkpoints")
-cfg = checkpoint.config_from_checkpoint(step, cc.SINGLE_PROCESS)
+cfg = checkpoint.config_from_checkpoint(step, SINGLE_PROCESS)
 parallel.initialize(cfg)
 (model,) = parallel.build_model(cfg, wrap_ddp=False)
 checkpoint.load(step, cfg, [model]); model.eval()
