@@ -5,7 +5,7 @@ Most cases call the entry points' main() in this process (the checks run before 
 group or model exists, so that is what a user's process does too); a few real subprocesses,
 one under torchrun with two ranks, prove the same end to end."""
 import dataclasses
-import importlib.util
+import importlib
 import os
 import signal
 import subprocess
@@ -59,7 +59,7 @@ def work(tmp_path):
 
 
 def pretrain_in_process(capsys, argv) -> tuple[int, str]:
-    from aim_megatron.training.trainer import main
+    from aim_megatron.training.main import main
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         rc = call(main, argv)
@@ -69,11 +69,21 @@ def pretrain_in_process(capsys, argv) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
+# tools/<name>.py is a thin CLI over the package module that holds its main().
+TOOL_MODULES = {
+    "convert_checkpoint": "aim_megatron.checkpoint.convert",
+    "reshard_checkpoint": "aim_megatron.checkpoint.reshard",
+    "make_shards": "aim_megatron.data.make_shards",
+    "scaling_sweep": "aim_megatron.scaling.cli",
+    "estimate_memory": "aim_megatron.scaling.estimate_memory",
+    "slurm_layout": "aim_megatron.scaling.slurm_layout",
+    "plot_metrics": "aim_megatron.training.plot_metrics",
+    "findings": "aim_megatron.evaluation.findings",
+}
+
+
 def tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return importlib.import_module(TOOL_MODULES[name]).main
 
 
 # --------------------------------------------------------------------------- every config field
@@ -316,7 +326,7 @@ def test_data_loader_not_available(work, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run with one checkpoint (step 1), trained in this process."""
-    from aim_megatron.training.trainer import main
+    from aim_megatron.training.main import main
     run = tmp_path_factory.mktemp("trained") / "run"
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
@@ -402,7 +412,7 @@ def test_make_shards_arguments(work, capsys):
 
 
 def test_probe_arguments(trained, work, capsys):
-    from aim_megatron.evaluation.probe import main
+    from aim_megatron.evaluation.probe_cli import main
     (work / "probe.yaml").write_text("probe: [1, 2\n")
     (work / "probe2.yaml").write_text("probe: 5\n")
     before, protected = snapshot(work), snapshot(trained)
@@ -500,7 +510,7 @@ def test_torchrun_missing_and_empty_data(work):
 # --------------------------------------------------------------------------- start-up summary
 
 def test_startup_summary_says_what_runs_and_warns_when_absurd():
-    from aim_megatron.training.trainer import startup_summary
+    from aim_megatron.training.startup import startup_summary
     cpu = (50e9, "CPU test device")   # a fixed 50 GFLOP/s device: no timing in the test
     lines, warning = startup_summary(C.load_config(None, []), 1, cpu)  # an empty config's defaults
     text = "\n".join(lines)
@@ -513,7 +523,7 @@ def test_startup_summary_says_what_runs_and_warns_when_absurd():
 
 def test_step_time_estimate_times_the_runs_own_dtype():
     # A CPU trains bf16 ~2x faster than fp32 where it has AVX512-BF16/AMX: the estimate must time bf16 then.
-    from aim_megatron.training.trainer import measured_matmul_flops
+    from aim_megatron.training.startup import measured_matmul_flops
     for params_dtype, name in (("fp32", "float32 matmul"), ("bf16", "bfloat16 matmul")):
         rate, device = measured_matmul_flops(0.01, params_dtype=params_dtype)
         assert rate > 0 and name in device, device

@@ -7,7 +7,7 @@ import math
 import torch
 
 from aim_megatron.config import load_config
-from aim_megatron.training.trainer import build_scheduler
+from aim_megatron.training.optim import build_scheduler
 from conftest import TINY
 
 

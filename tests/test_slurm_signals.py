@@ -17,9 +17,10 @@ BASE = TINY + ["model.in_channels=1", "train.micro_batch_size=2", "train.global_
 DRIVER = """
 import os, signal, sys, time
 from aim_megatron.checkpoint import checkpointer as checkpoint
-from aim_megatron.training import trainer as train
+from aim_megatron.training import main as pretrain
+from aim_megatron.training.trainer import Trainer
 mode, args = sys.argv[1], sys.argv[2:]
-real_save, real_load, real_step = checkpoint.save, checkpoint.load, train.Trainer.train_step
+real_save, real_load, real_step = checkpoint.save, checkpoint.load, Trainer.train_step
 
 def save(*a, **k):
     if mode == "during-save":
@@ -44,8 +45,8 @@ def step(self):
         os.kill(os.getpid(), signal.SIGTERM)
     return out
 
-checkpoint.save, checkpoint.load, train.Trainer.train_step = save, load, step
-sys.exit(train.main(args))
+checkpoint.save, checkpoint.load, Trainer.train_step = save, load, step
+sys.exit(pretrain.main(args))
 """
 
 
@@ -114,10 +115,10 @@ def test_checkpoint_writer_survives_the_steps_sigterm():
     of the preemption SIGTERM, and the signal-time save with it (EOFError)."""
     code = """
 import os, signal, time
-from aim_megatron.training import trainer as train
+from aim_megatron.training import preemption
 from megatron.core.dist_checkpointing.strategies import filesystem_async
-train.signal_proof_checkpoint_writer()
-process = train._write_queue_managers[0]._process
+preemption.signal_proof_checkpoint_writer()
+process = preemption.checkpoint_writer_managers[0]._process
 os.kill(process.pid, signal.SIGTERM)
 os.kill(process.pid, signal.SIGUSR1)
 time.sleep(0.5)

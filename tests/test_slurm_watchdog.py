@@ -1,7 +1,7 @@
 """Hang detection (aim_megatron/training/watchdog.py) on 2 gloo ranks under torchrun: (1) SIGSTOP one rank
 mid-run: the other must notice within the timeout, dump its stacks, name the stuck rank and exit
 with the requeue code, and torchrun must leave no process behind; (2) one rank sleeps before a step
-(test-only hook) while the other waits inside that step's collective: both must dump their stacks,
+(injected by tests/hang_worker.py) while the other waits inside that step's collective: both must dump their stacks,
 name the sleeping rank and exit 3. The same under a real Slurm job: tests/test_slurm_real.py."""
 import json
 import os
@@ -59,17 +59,18 @@ def test_stopped_rank_is_detected_named_and_nothing_is_left(tmp_path):
 
 
 def test_rank_blocked_outside_a_collective_is_named_and_every_rank_dumps_and_exits(tmp_path):
-    """Rank 1 sleeps forever before step 4 (the test-only hook AIM_TEST_ONLY_BLOCK_RANK_AT_STEP)
+    """Rank 1 sleeps forever before step 4 (tests/hang_worker.py wraps Trainer.train_step)
     while rank 0 goes into step 4 and waits inside its first gloo collective (a C++ call). Rank 0's
     watchdog thread must keep running (its heartbeat stays fresh: the call releases the GIL), both
     ranks must dump their stacks, name rank 1 (not in a collective, while rank 0 is) and exit 3,
     and the requeue marker must be written."""
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               TORCH_ELASTIC_SHUTDOWN_TIMEOUT="2", AIM_TEST_ONLY_BLOCK_RANK_AT_STEP="1:3",
+               TORCH_ELASTIC_SHUTDOWN_TIMEOUT="2",
                AIM_REQUEUE_MARKER=str(tmp_path / "requeue.json"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "aim_megatron.train", *TINY, "model.in_channels=1", "train.micro_batch_size=2",
+           str(ROOT / "tests" / "hang_worker.py"), "1:3", *TINY, "model.in_channels=1",
+           "train.micro_batch_size=2",
            "train.global_batch_size=8", "train.train_iters=100000", "train.log_interval=1",
            "train.tensorboard=false", "train.eval_interval=0", "train.save_interval=0",
            f"train.hang_timeout_s={TIMEOUT_S}", f"train.output_dir={out}"]
@@ -100,7 +101,7 @@ def test_rank_blocked_outside_a_collective_is_named_and_every_rank_dumps_and_exi
     assert output.count("stack of every thread follows") == 2, output[-5000:]
     dump0 = output.split("[rank 0] hang watchdog: no progress")[1]
     assert "torch/distributed/" in dump0.split("hang detected")[0], dump0[:4000]
-    assert "_test_only_block" in output            # rank 1's stack shows where it sleeps
+    assert "block_forever" in output               # rank 1's stack shows where it sleeps
     assert "exitcode  : 3" in output
     assert proc.returncode != 0
     marker = json.loads((tmp_path / "requeue.json").read_text())

@@ -65,8 +65,8 @@ def test_loss_goes_down(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
-    import runpy
-    train, val = runpy.run_path(str(ROOT / "tools" / "plot_metrics.py"))["read_metrics"](tmp_path)
+    from aim_megatron.training.plot_metrics import read_metrics
+    train, val = read_metrics(tmp_path)
     assert [r["step"] for r in train] == list(range(1, 41)) and {r["step"]: r["loss"] for r in train} == curve
     assert [r["val_loss"] for r in val] == vals
 

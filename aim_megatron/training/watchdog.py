@@ -181,3 +181,17 @@ class HangWatchdog:
         except OSError as exc:
             print(f"[rank {self.rank}] hang watchdog: could not write {self.marker}: {exc}",
                   file=sys.stderr, flush=True)
+
+
+def start_hang_watchdog(hang_timeout_s: float, directory: Path, rank: int, world: int, step: int,
+                        marker: Path) -> Optional[HangWatchdog]:
+    """A started watchdog for a run at ``step``, or None when hang detection is off:
+    ``hang_timeout_s`` (train.hang_timeout_s), else AIM_HANG_TIMEOUT_S (set cluster-wide by a job
+    script); 0 is off. It must exceed the longest step, evaluation and checkpoint write."""
+    timeout = hang_timeout_s or float(os.environ.get("AIM_HANG_TIMEOUT_S") or 0)
+    if timeout <= 0:
+        return None
+    watchdog = HangWatchdog(directory, rank, world, timeout, marker=marker)
+    watchdog.beat(step)   # the resume step
+    watchdog.start()
+    return watchdog
