@@ -587,6 +587,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.fp8 is not None:
         _check(t.params_dtype == "bf16", "train.fp8 needs train.params_dtype=bf16 (FP8 GEMMs, bf16 "
                                          "activations, fp32 master weights)")
+        _check_fp8_gemm_shapes(m, p, t)
     _check(t.warmup_fraction <= 1.0, f"train.warmup_fraction={t.warmup_fraction}: must be within [0, 1]")
     _check(t.min_lr <= t.effective_lr,
            f"train.min_lr={t.min_lr} exceeds the peak learning rate {t.effective_lr:.3g} (train.lr"
@@ -606,6 +607,43 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"data.std needs {m.in_channels} values (model.in_channels), each > 0, got {std}")
     _check(d.crop_scale_min <= d.crop_scale_max <= 1.0,
            f"data.crop_scale_max={d.crop_scale_max}: need data.crop_scale_min <= data.crop_scale_max <= 1")
+
+
+# Transformer Engine v2.8 runs a GEMM in FP8 only when its input, viewed as [rows, in_features],
+# has rows divisible by 8 and in_features divisible by 16, and its weight [out, in] likewise
+# (assert_dim_for_fp8_exec, transformer_engine/pytorch/utils.py 433-441, called on every FP8
+# forward by Linear, linear.py 168, and LayerNormLinear, layernorm_linear.py 150). Otherwise the
+# first FP8 forward fails; these rules are checked at start instead.
+FP8_ROWS, FP8_COLUMNS = 8, 16
+
+
+def _check_fp8_gemm_shapes(m: ModelConfig, p: ParallelConfig, t: TrainConfig) -> None:
+    """Every FP8 GEMM of one rank: the trunk's qkv and fc1 (column parallel: input [tokens, D],
+    weights [3D/tp, D] and [F/tp, D]), proj and fc2 (row parallel: input [tokens*, D/tp] and
+    [tokens*, F/tp], weights [D, D/tp] and [D, F/tp]), and the head blocks' fc1/fc2 alike with
+    Dh and Fh. tokens = micro-batch x patches on this rank (patches / tp under sequence
+    parallel, whose row-parallel inputs carry all patches: tokens* = tp x tokens)."""
+    patches = m.num_patches // p.tp if p.sequence_parallel else m.num_patches
+    rows = t.micro_batch_size * patches
+    if rows % FP8_ROWS:
+        multiple = FP8_ROWS // math.gcd(FP8_ROWS, patches)
+        where = f"{m.num_patches} patches / tp={p.tp} (sequence parallel)" if p.sequence_parallel \
+            else f"{m.num_patches} patches"
+        raise ConfigError(
+            f"train.fp8 needs the tokens per GEMM, train.micro_batch_size x {where} = "
+            f"{t.micro_batch_size} x {patches} = {rows}, divisible by {FP8_ROWS} (Transformer Engine FP8 "
+            f"GEMMs); use a train.micro_batch_size that is a multiple of {multiple}, or train.fp8=null")
+    widths = [("model.hidden_size", m.hidden_size, 1), ("model.hidden_size", m.hidden_size, p.tp),
+              ("the MLP width (model.hidden_size x model.mlp_ratio)", m.ffn_hidden_size, p.tp)]
+    if m.head_type == "mlp":
+        widths += [("model.head_hidden_size", m.head_hidden_size, 1),
+                   ("model.head_ffn_hidden_size", m.head_ffn_hidden_size, p.tp)]
+    for name, width, shards in widths:
+        if width % shards or (width // shards) % FP8_COLUMNS:
+            per_rank = f" / parallel.tp={shards} = {width / shards:g} per rank" if shards > 1 else ""
+            raise ConfigError(
+                f"train.fp8 needs {name} = {width}{per_rank} divisible by {FP8_COLUMNS} (Transformer "
+                f"Engine FP8 GEMMs); use a multiple of {FP8_COLUMNS * shards}, or train.fp8=null")
 
 
 def num_microbatches(cfg: Config, world_size: int) -> int:

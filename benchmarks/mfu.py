@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RESULT_TAG = "MFU_RESULT "
 
@@ -83,6 +82,7 @@ def worker(row: Row, steps: int, warmup: int) -> None:
     from aim_megatron.distributed import parallel
     from aim_megatron.config import load_config, num_microbatches
     from aim_megatron.scaling.flops import device_peak_tflops, forward_flops_per_image
+    from aim_megatron.models.attention import kernel_self_checks
 
     overrides = [f"model.preset={row.preset}", f"model.attention_kernel={row.kernel}",
                  f"parallel.tp={row.tp}", f"train.micro_batch_size={row.micro_batch}",
@@ -139,6 +139,8 @@ def worker(row: Row, steps: int, warmup: int) -> None:
                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30,
         "loss": statistics.mean(losses),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+        # The fused kernel's run-time check: a row whose kernel fell back to masked says so.
+        "attention_self_checks": kernel_self_checks(),
     }
     if dist.get_rank() == 0:
         print(RESULT_TAG + json.dumps(result), flush=True)
@@ -146,6 +148,23 @@ def worker(row: Row, steps: int, warmup: int) -> None:
 
 
 # --------------------------------------------------------------------------- driver
+
+def fused_kernel_problems() -> dict[str, str]:
+    """GPU only: why the varlen or flex kernel cannot run with this torch, per kernel."""
+    import torch
+    from aim_megatron.models.attention import varlen_api_problem
+    problems = {}
+    varlen = varlen_api_problem()
+    if varlen is None and torch.cuda.get_device_capability() < (8, 0):
+        varlen = "flash varlen attention needs an sm80+ GPU"
+    if varlen:
+        problems["varlen"] = varlen
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except Exception as exc:  # torch < 2.5, or a broken build
+        problems["flex"] = f"torch {torch.__version__} has no FlexAttention ({type(exc).__name__})"
+    return problems
+
 
 def gpu_info() -> tuple[int, bool, bool]:
     """(GPU count, FP8 capable (sm89+), Transformer Engine usable)."""
@@ -157,13 +176,16 @@ def gpu_info() -> tuple[int, bool, bool]:
             transformer_engine_available())
 
 
-def skip_reason(row: Row, gpus: int, fp8_ok: bool, te_ok: bool) -> str | None:
+def skip_reason(row: Row, gpus: int, fp8_ok: bool, te_ok: bool,
+                kernel_problems: dict[str, str] | None = None) -> str | None:
     if row.fp8 and not (fp8_ok and te_ok):
         return "FP8 needs Transformer Engine on an sm89+ GPU"
     if gpus and row.tp > gpus:
         return f"TP={row.tp} needs {row.tp} GPUs"
     if not gpus and row.kernel == "flex":
         return "FlexAttention has no backward on CPU"
+    if gpus and row.kernel in (kernel_problems or {}):
+        return kernel_problems[row.kernel]
     return None
 
 
@@ -208,9 +230,11 @@ def fmt_table(results: list[dict]) -> str:
     base = next((r for r in results if "error" not in r and "skip" not in r), None)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
+        fell_back = [c for c in r.get("attention_self_checks", []) if not c["passed"]]
+        kernel = f"{r['kernel']} (self-check failed: ran masked)" if fell_back else r["kernel"]
         cells = [r["preset"], str(r["micro_batch"]), str(r["tp"]),
                  Row(**{k: r[k] for k in Row.__dataclass_fields__}).precision,
-                 r["kernel"], r["recompute"]]
+                 kernel, r["recompute"]]
         if "skip" in r or "error" in r:
             note = f"skipped: {r['skip']}" if "skip" in r else f"failed: {r['error']}"
             cells += [note] + [""] * (len(head) - len(cells) - 1)
@@ -257,9 +281,11 @@ def main() -> None:
     steps = args.steps or (10 if on_gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
 
+    kernel_problems = fused_kernel_problems() if on_gpu else {}
     if args.sweep_micro_batch:
         dtype = "bf16" if on_gpu else "fp32"
-        rows = [Row(p, int(b), tps[0], dtype, kernel="varlen" if on_gpu else "masked", recompute=rc)
+        sweep_kernel = "varlen" if on_gpu and "varlen" not in kernel_problems else "masked"
+        rows = [Row(p, int(b), tps[0], dtype, kernel=sweep_kernel, recompute=rc)
                 for p in presets for rc in args.recompute.split(",")
                 for b in args.sweep_micro_batch.split(",")]
     else:
@@ -273,7 +299,7 @@ def main() -> None:
     print(f"{len(rows)} configurations, {warmup} warm-up + {steps} timed steps each", flush=True)
     results = []
     for row in rows:
-        reason = skip_reason(row, gpus, fp8_ok, te_ok)
+        reason = skip_reason(row, gpus, fp8_ok, te_ok, kernel_problems)
         result = {**asdict(row), "skip": reason} if reason else run_row(row, steps, warmup, args.timeout, on_gpu)
         device = result.get("device", device)
         status = result.get("skip") or result.get("error") or f"{result['images_per_s_per_device']:.1f} img/s/device"

@@ -254,16 +254,123 @@ def test_masks_are_built_once_per_micro_batch(kernel, cache, monkeypatch):
     original = once.build
     monkeypatch.setattr(once, "build", lambda p, s: builds.append(p.tolist()) or original(p, s))
     monkeypatch.setattr(once, "key", None)
+    monkeypatch.setattr(once, "value", None)  # restored with key: later tests see no stale mask
+    # On a GPU (make gpu-check) the model lives there, in bf16: flash varlen needs half precision.
+    dtype = ["train.params_dtype=bf16"] if torch.cuda.is_available() else []
     cfg = load_config(None, [*TINY, "train.micro_batch_size=3", "train.global_batch_size=3",
-                             f"model.attention_kernel={kernel}"])
+                             f"model.attention_kernel={kernel}", *dtype])
     parallel.initialize(cfg)
     (model,) = parallel.build_model(cfg, wrap_ddp=False)
+    device = next(model.parameters()).device
     m = cfg.model
-    images = torch.randn(3, m.in_channels, m.image_size, m.image_size)
-    prefix = torch.tensor([1, 5, 15])
+    images = torch.randn(3, m.in_channels, m.image_size, m.image_size).to(device)
+    prefix = torch.tensor([1, 5, 15], device=device)
     model(images, prefix).sum().backward()
     assert builds == [[1, 5, 15]]
-    model(images, torch.tensor([1, 5, 15])).sum().backward()
+    model(images, torch.tensor([1, 5, 15], device=device)).sum().backward()
     prefix[0] = 2
     model(images, prefix).sum().backward()
     assert builds == [[1, 5, 15], [1, 5, 15], [2, 5, 15]]
+
+
+# --------------------------------------------------------------------------- run-time self-check
+
+def top_left_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale=None):
+    """A varlen kernel that aligns its causal mask top-left (query i of a segment sees keys
+    j <= i) where flash attention aligns it bottom-right: the mistake the self-check must catch."""
+    out = torch.zeros_like(q)
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for (q0, q1), (k0, k1) in zip(zip(bounds_q, bounds_q[1:]), zip(bounds_k, bounds_k[1:])):
+        if q1 == q0:
+            continue
+        qs, ks, vs = (t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        mask = None
+        if causal:
+            mask = torch.arange(k1 - k0)[None, :] <= torch.arange(q1 - q0)[:, None]
+        seg = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out[q0:q1] = seg.transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_self_check_passes_a_correct_kernel(kernel):
+    ok, reason = attention.kernel_matches_dense_mask(kernel, (4, S, H, D), torch.device("cpu"), torch.bfloat16)
+    assert ok, reason
+    assert "matches the dense mask" in reason
+
+
+def test_self_check_catches_a_top_left_aligned_kernel(monkeypatch):
+    monkeypatch.setattr(attention, "varlen_reference", top_left_varlen_reference)
+    ok, reason = attention.kernel_matches_dense_mask("varlen", (4, S, H, D), torch.device("cpu"), torch.bfloat16)
+    assert not ok
+    assert "differs from the dense mask" in reason and "aligned top-left, not bottom-right" in reason
+
+
+def test_self_check_reports_a_kernel_that_raises(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(attention, "varlen_reference", broken)
+    ok, reason = attention.kernel_matches_dense_mask("varlen", (2, S, H, D), torch.device("cpu"), torch.bfloat16)
+    assert not ok and "failed" in reason and "no kernel image" in reason
+
+
+def test_a_wrong_kernel_falls_back_to_masked_loudly_and_is_recorded(monkeypatch, caplog):
+    """End to end in the megatron-facing module: a varlen kernel with the wrong causal alignment
+    is checked at the first call, replaced by the dense-mask path (whose output the module then
+    returns), warned about, and recorded; the run's RNG and the per-micro-batch caches are
+    untouched. CPU stands in for the GPU by adding it to the checked devices."""
+    monkeypatch.setattr(attention, "SELF_CHECK_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention, "_kernel_decisions", {})
+    monkeypatch.setattr(attention, "varlen_reference", top_left_varlen_reference)
+    monkeypatch.setattr(attention._varlen_plan_once, "key", None)
+    cfg = load_config(None, TINY)
+    trunk_config, _ = transformer_configs(cfg)
+    module = PrefixCausalAttention(trunk_config, 1, None, "self", kernel="varlen")
+    q, k, v = qkv()
+    sbhd = [t.transpose(0, 1) for t in (q, k, v)]
+    rng = torch.get_rng_state()
+    with pytest.warns(RuntimeWarning, match="self-check failed"):
+        out = module(*sbhd, PREFIX)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert attention._varlen_plan_once.key is None            # the check built no cached plan
+    torch.testing.assert_close(out, masked_reference(q, k, v).transpose(0, 1).reshape(S, len(PREFIX), H * D))
+    assert any("ATTENTION KERNEL SELF-CHECK FAILED" in r.getMessage() for r in caplog.records)
+    (record,) = attention.kernel_self_checks()
+    assert record["requested"] == "varlen" and record["checked"] == "varlen"
+    assert record["kernel"] == "masked" and not record["passed"]
+    assert "top-left" in record["reason"] and "falling back to masked" in record["reason"]
+    module(*sbhd, PREFIX)                                      # checked once per process
+    assert len(attention.kernel_self_checks()) == 1
+
+
+def test_a_correct_kernel_passes_the_check_and_is_used(monkeypatch):
+    monkeypatch.setattr(attention, "SELF_CHECK_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(attention, "_kernel_decisions", {})
+    kernel, reason = attention.choose_kernel("varlen", (len(PREFIX), S, H, D), torch.device("cpu"), torch.float64)
+    assert kernel == "varlen" and "matches the dense mask" in reason
+    (record,) = attention.kernel_self_checks()
+    assert record["passed"] and record["kernel"] == "varlen"
+    # masked needs no check; without the CPU in the checked devices nothing is checked on CPU
+    assert attention.choose_kernel("masked", (1, S, H, D), torch.device("cpu"), torch.float32)[0] == "masked"
+    monkeypatch.setattr(attention, "SELF_CHECK_DEVICES", ("cuda",))
+    assert attention.choose_kernel("flex", (1, S, H, D), torch.device("cpu"), torch.float32)[0] == "flex"
+    assert len(attention.kernel_self_checks()) == 1
+
+
+def test_a_pre_release_varlen_signature_counts_as_unavailable(monkeypatch):
+    """An early torch.nn.attention.varlen whose varlen_attn speaks neither known signature is
+    reported (and auto then runs masked) instead of failing inside the call."""
+    import torch.nn.attention as nn_attention
+    import types
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, causal_alignment="top_left"):
+        raise AssertionError("never called")
+
+    monkeypatch.setitem(__import__("sys").modules, "torch.nn.attention.varlen",
+                        types.SimpleNamespace(varlen_attn=varlen_attn))
+    monkeypatch.setattr(nn_attention, "varlen", types.SimpleNamespace(varlen_attn=varlen_attn), raising=False)
+    problem = attention.varlen_api_problem()
+    assert problem is not None and "signature" in problem
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not attention.flash_varlen_available()

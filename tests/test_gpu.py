@@ -1,6 +1,8 @@
 """GPU-only paths: flash varlen and FlexAttention prefix-causal kernels, the Transformer Engine spec
-and FP8. Skipped without CUDA (CI has none); run on a GPU machine with `pytest tests/test_gpu.py`.
-Their selection logic and CPU fallbacks are tested in test_attention.py and test_config.py."""
+and FP8. Skipped without CUDA (CI has none); run on a GPU machine with `pytest tests/test_gpu.py`
+(or all GPU checks at once: `make gpu-check`). A kernel this torch lacks is a skip with the reason,
+not a failure. Their selection logic and CPU fallbacks are tested in test_attention.py,
+test_config.py and test_fp8_validation.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,27 @@ import torch.nn.functional as F
 from conftest import TINY
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _varlen_problem():
+    from aim_megatron.models.attention import flash_varlen_available, varlen_api_problem
+    if flash_varlen_available():
+        return None
+    return varlen_api_problem() or "flash varlen attention needs an sm80+ GPU"
+
+
+def _flex_problem():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except Exception as exc:
+        return f"torch {torch.__version__} has no FlexAttention ({type(exc).__name__})"
+    return None
+
+
+def _skip_unless_kernel(kernel):
+    problem = {"varlen": _varlen_problem, "flex": _flex_problem}.get(kernel, lambda: None)()
+    if problem:
+        pytest.skip(problem)
 
 
 def _te_available():
@@ -45,9 +68,8 @@ def _check(out, ref, inputs):
 
 
 def test_flash_varlen_matches_dense_mask():
-    from aim_megatron.models.attention import flash_varlen_available, varlen_prefix_causal
-    if not flash_varlen_available():
-        pytest.skip("torch has no flash varlen attention for this GPU")
+    from aim_megatron.models.attention import varlen_prefix_causal
+    _skip_unless_kernel("varlen")
     q, k, v = _qkv()
     prefix = _prefix()
     _check(varlen_prefix_causal(q, k, v, prefix), _dense(q, k, v, prefix), (q, k, v))
@@ -55,6 +77,7 @@ def test_flash_varlen_matches_dense_mask():
 
 def test_flex_matches_dense_mask():
     from aim_megatron.models.attention import flex_prefix_causal
+    _skip_unless_kernel("flex")
     q, k, v = _qkv(layout="bhsd")
     prefix = _prefix()
     _check(flex_prefix_causal(q, k, v, prefix), _dense(q, k, v, prefix, "bhsd"), (q, k, v))
@@ -83,12 +106,25 @@ def _loss(cfg, model, seed=0):
 @pytest.mark.parametrize("kernel", ["varlen", "flex"])
 def test_model_kernels_match_dense_mask(kernel):
     from aim_megatron.distributed import parallel
+    _skip_unless_kernel(kernel)
     cfg, dense = _build(["model.backend=local", "model.attention_kernel=masked"])
     full = parallel.gather_full_state_dict(dense)
     cfg2, fused = _build(["model.backend=local", f"model.attention_kernel={kernel}"])
     parallel.load_full_state_dict(fused, full)
     a, b = _loss(cfg, dense), _loss(cfg2, fused)
     assert abs(a.item() - b.item()) < 1e-2 * abs(a.item())
+
+
+@pytest.mark.parametrize("kernel", ["varlen", "flex"])
+def test_fused_kernels_pass_the_run_time_self_check(kernel):
+    """The check a run does at its first attention call, at AIM-600M's attention shape: the
+    kernel matches the dense mask in bf16 (a failure here would make every run fall back to
+    masked, loudly)."""
+    from aim_megatron.models import attention
+    _skip_unless_kernel(kernel)
+    ok, reason = attention.kernel_matches_dense_mask(kernel, (8, 256, 12, 128), torch.device("cuda"),
+                                                     torch.bfloat16)
+    assert ok, reason
 
 
 @pytest.mark.skipif(not _te_available(), reason="needs Transformer Engine")

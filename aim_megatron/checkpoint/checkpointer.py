@@ -238,7 +238,7 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
         key = "model" if len(model) == 1 else f"model{i}"
         _load_module(_unwrap(chunk), loaded[key], path)
     if with_optimizer:
-        _restore_zero_adam_step(loaded["optimizer"])
+        _place_adam_step(optimizer, loaded["optimizer"])
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_step(optimizer)
     if scheduler is not None and not weights_only:
@@ -287,27 +287,50 @@ def write_state_dict(sd: dict[str, torch.Tensor], out: Path, metadata: Optional[
              sum(v.numel() for v in sd.values()) / 1e6, out)
 
 
-# --------------------------------------------------------------------------- optimizer fixes
+# --------------------------------------------------------------------------- optimizer step count
+
+# Adam's step count lives in one of two places, depending on the class megatron-core picked:
+# torch Adam/AdamW (no TE, no apex) keep it per parameter (state[p]["step"], a tensor); TE's and
+# apex's FusedAdam keep it per param group (group["step"], an int) and refuse any per-parameter
+# key besides exp_avg, exp_avg_sq and master_param on load (KeyError 'step').
 
 def _inner_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def keeps_step_per_parameter(torch_optimizer) -> bool:
+    """True when this torch optimizer keeps Adam's step in each parameter's state, False when
+    in its param groups, read from the optimizer's own state. One that has not stepped yet holds
+    neither: torch's Adam family is the one that creates a per-parameter step; any other class
+    gets no per-parameter key it might refuse."""
+    if any("step" in state for state in torch_optimizer.state.values()):
+        return True
+    if any("step" in group for group in torch_optimizer.param_groups):
+        return False
+    return isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def _is_distributed_optimizer(megatron_optimizer) -> bool:
+    return hasattr(megatron_optimizer, "_init_optimizer_states_with_dummy_values")
 
 
 def _prepare_optimizer_for_load(optimizer) -> None:
     """Work around megatron-core 0.16's distributed-optimizer load with torch AdamW (the
     fallback when neither TE nor apex is installed; FACTS, bug 2).
 
-    A fresh optimizer has no Adam state yet, so it gets dummy states of the right shapes first.
-    The fully reshardable loader then copies every state key of the destination from the
-    checkpoint, but torch AdamW's per-param ``step`` is restored separately and is not in the
-    source: copy the other keys and leave ``step`` to that separate path.
+    A fresh optimizer has no Adam state yet, so it gets dummy states of the right shapes first
+    (one dummy step, which also shows where this optimizer keeps its step count). The fully
+    reshardable loader then copies every state key of the destination from the checkpoint, but
+    torch AdamW's per-param ``step`` is restored separately and is not in the source: copy the
+    other keys and leave ``step`` to that separate path. An optimizer that keeps its step in the
+    param groups (FusedAdam) needs no such help.
     """
     for opt in _inner_optimizers(optimizer):
-        if not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            continue  # not a distributed optimizer
+        if not _is_distributed_optimizer(opt):
+            continue
         opt._init_optimizer_states_with_dummy_values()
         if opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 or \
-                getattr(opt, "_aim_step_patch", False):
+                getattr(opt, "_aim_step_patch", False) or not keeps_step_per_parameter(opt.optimizer):
             continue
         original = opt._set_main_param_and_optimizer_states
 
@@ -326,23 +349,59 @@ def _prepare_optimizer_for_load(optimizer) -> None:
         opt._aim_step_patch = True
 
 
-def _restore_zero_adam_step(state: Any) -> None:
-    """megatron-core 0.16 saves AdamW's step once for all params (``common_step``) and leaves it
-    out when it is 0 (``if step:``), which torch AdamW then fails to load (KeyError 'step'):
-    a saved per-param Adam state without a step was written at step 0."""
-    if isinstance(state, dict):
-        if "exp_avg" in state and "step" not in state:
-            state["step"] = torch.tensor(0.0)
-        for value in state.values():
-            _restore_zero_adam_step(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            _restore_zero_adam_step(value)
+def _place_adam_step(optimizer, loaded: Any) -> None:
+    """Put the saved step count where each inner optimizer keeps it, before megatron loads it.
+
+    megatron-core 0.16's non-distributed optimizers save a per-parameter step once for all
+    parameters (``state["common_step"]``) and leave it out when it is 0 (``if step:``), and
+    restore it into every parameter's state on load; a group step is saved with the param
+    groups. So:
+
+    - per-parameter keepers (torch AdamW) get ``step`` in every saved parameter state that lacks
+      it: the common step if saved, else a group step (a checkpoint written under FusedAdam),
+      else 0 (written at step 0, when megatron dropped it);
+    - per-group keepers (FusedAdam) get no per-parameter ``step``: a common step (a checkpoint
+      written under torch AdamW) moves into the param groups instead.
+
+    Saved param groups lacking one of this optimizer's hyperparameters get its default.
+
+    The distributed optimizer moves the step between param groups and parameter states itself
+    (megatron's ``DistributedOptimizer.load_state_dict``), so its state is left as saved.
+    """
+    inner = _inner_optimizers(optimizer)
+    parts = [loaded] if len(inner) == 1 else [loaded[i] for i in range(len(inner))]
+    for opt, part in zip(inner, parts):
+        if _is_distributed_optimizer(opt) or getattr(opt, "optimizer", None) is None:
+            continue
+        saved = part["optimizer"] if "optimizer" in part else part  # mixed precision / fp32 wrapper
+        param_states, groups = saved["state"], saved["param_groups"]
+        # torch's load replaces each group by the saved one: hyperparameters the saving class did
+        # not have (FusedAdam's bias_correction after torch AdamW) come from this one's defaults.
+        for group in groups:
+            for key, value in opt.optimizer.defaults.items():
+                group.setdefault(key, value)
+        common_step = param_states.pop("common_step", None)
+        group_steps = [group["step"] for group in groups if "step" in group]
+        if keeps_step_per_parameter(opt.optimizer):
+            if common_step is not None:
+                param_states["common_step"] = common_step  # megatron restores it per parameter
+                continue
+            step = float(group_steps[0]) if group_steps else 0.0
+            for state in param_states.values():
+                if "exp_avg" in state and "step" not in state:
+                    state["step"] = torch.tensor(step)
+        else:
+            for state in param_states.values():
+                state.pop("step", None)
+            if common_step is not None and not group_steps:
+                for group in groups:
+                    group["step"] = int(common_step)
 
 
 def _unshare_adam_step(optimizer) -> None:
     # After loading, megatron-core 0.16 can leave one `step` tensor shared by all params, which
     # torch AdamW then increments once per param per step: give each param its own copy.
+    # Optimizers that keep the step in their param groups have no per-param step to copy.
     for opt in _inner_optimizers(optimizer):
         torch_opt = getattr(opt, "optimizer", None)
         if torch_opt is None:

@@ -51,15 +51,31 @@ def transformer_engine_available() -> bool:
     return True
 
 
+# FP8 tensor cores: Ada (sm89) and Hopper (sm90) onwards; TE fails inside the first FP8 GEMM below.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def gpu_compute_capability() -> Optional[tuple[int, int]]:
+    """This process's GPU's compute capability, None without CUDA."""
+    return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+
+
 def select_backend(requested: str = "auto", fp8: Optional[str] = None) -> str:
     """'te' when Transformer Engine imports and a GPU is present, else 'local'. FP8 without
-    Transformer Engine is an error, never a silent bf16 run."""
+    Transformer Engine, or on a GPU without FP8 tensor cores, is an error, never a silent bf16
+    run (checked where the run starts, before any model is built)."""
     available = transformer_engine_available()
     if fp8 is not None and (requested == "local" or not available):
         raise RuntimeError(
             f"train.fp8={fp8} needs Transformer Engine layers on a GPU with FP8 (H100/H200); "
             f"{'model.backend=local was requested' if requested == 'local' else 'none is available here'}"
             f". Set train.fp8=null to train in bf16")
+    capability = gpu_compute_capability() if fp8 is not None else None
+    if capability is not None and capability < FP8_MIN_CAPABILITY:
+        raise RuntimeError(
+            f"train.fp8={fp8} needs a GPU with FP8 tensor cores (compute capability >= "
+            f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}: H100/H200, L40S/L4); this GPU is "
+            f"sm{capability[0]}{capability[1]}. Set train.fp8=null to train in bf16")
     if requested == "local":
         return "local"
     if requested == "te" and not available:

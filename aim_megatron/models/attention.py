@@ -16,6 +16,10 @@ Kernels (``model.attention_kernel``):
     masked  one SDPA call with the dense [b, 1, s, s] mask: the arbitrary-mask path, and the reference.
     auto    varlen on a GPU with flash attention in bf16/fp16, masked otherwise.
 
+On a GPU a fused kernel is trusted only after it matched the dense mask once per process, on a
+random batch of the first call's shape (``choose_kernel``): one that differs, or fails, is
+replaced by masked with a loud warning, and ``kernel_self_checks()`` records why for the metrics.
+
 The model hands the core attention the per-sample prefix lengths ([b] integer tensor) in place of a
 mask (megatron passes ``attention_mask`` through untouched; a tensor survives recomputation), or None
 for full bidirectional attention, which every kernel runs as one unmasked SDPA call.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import warnings
 from typing import Optional
@@ -54,11 +59,21 @@ def prefix_causal_allowed(prefix_len: torch.Tensor, seq_len: int) -> torch.Tenso
 def flash_varlen_available() -> bool:
     if not torch.cuda.is_available():
         return False
+    return varlen_api_problem() is None and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def varlen_api_problem() -> Optional[str]:
+    """Why torch's flash varlen call cannot be used here, or None: missing (torch < 2.9) or a
+    pre-release whose signature is neither 2.9's (is_causal) nor the later one (window_size)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:  # torch < 2.9
-        return False
-    return torch.cuda.get_device_capability() >= (8, 0)
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception as exc:  # ImportError before 2.9; anything else from a broken build
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen ({type(exc).__name__}); needs torch>=2.9"
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" not in params and "window_size" not in params:
+        return (f"torch {torch.__version__}'s varlen_attn{inspect.signature(varlen_attn)} is a signature "
+                f"this code does not know (neither is_causal nor window_size)")
+    return None
 
 
 def resolve_kernel(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -158,7 +173,6 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale=None
 def _varlen_api():
     """torch's varlen_attn and which keywords it takes: torch 2.9 has ``is_causal`` and no
     ``scale``; later releases have keyword-only ``scale`` and ``window_size`` instead."""
-    import inspect
     from torch.nn.attention.varlen import varlen_attn
     params = inspect.signature(varlen_attn).parameters
     return varlen_attn, "window_size" in params, "scale" in params
@@ -179,15 +193,16 @@ def _flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale=None):
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
-def varlen_prefix_causal(q, k, v, prefix_len, scale=None, kernel=None):
-    """q, k, v: [b, s, h, d]. Two variable-length calls whose rows are disjoint, merged back."""
+def varlen_prefix_causal(q, k, v, prefix_len, scale=None, kernel=None, plan=None):
+    """q, k, v: [b, s, h, d]. Two variable-length calls whose rows are disjoint, merged back.
+    ``plan``: varlen_plan(prefix_len, s), built (and cached per micro-batch) when None."""
     b, s, h, d = q.shape
     if kernel is None:
         kernel = _flash_varlen if q.is_cuda else varlen_reference
         if not q.is_cuda:
             _log_once("attention_kernel=varlen without CUDA runs a per-segment SDPA reference "
                       "(correct, slow): use it to test the packing, masked to train")
-    plan = _varlen_plan_once(prefix_len, s)
+    plan = _varlen_plan_once(prefix_len, s) if plan is None else plan
     qf, kf, vf = (t.reshape(b * s, h, d) for t in (q, k, v))
     pf = plan["prefix_first"]
     # Each call gets all b*s rows (slicing to its packed total would need the total on the host);
@@ -236,10 +251,12 @@ def _flex_block_mask(prefix_len: torch.Tensor, seq_len: int):
 _flex_block_mask_once = _PerMicroBatch(_flex_block_mask)
 
 
-def flex_prefix_causal(q, k, v, prefix_len, scale=None):
-    """q, k, v: [b, h, s, d]. One FlexAttention call; fully masked blocks are skipped."""
+def flex_prefix_causal(q, k, v, prefix_len, scale=None, block_mask=None):
+    """q, k, v: [b, h, s, d]. One FlexAttention call; fully masked blocks are skipped.
+    ``block_mask``: built from prefix_len (and cached per micro-batch) when None."""
     from torch.nn.attention.flex_attention import flex_attention
-    block_mask = _flex_block_mask_once(prefix_len, q.shape[2])
+    if block_mask is None:
+        block_mask = _flex_block_mask_once(prefix_len, q.shape[2])
     if q.is_cuda:
         return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -248,6 +265,92 @@ def flex_prefix_causal(q, k, v, prefix_len, scale=None):
     with warnings.catch_warnings():  # CPU: torch's unfused reference, a test of the block mask
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+# --------------------------------------------------------------------------- run-time self-check
+
+# A fused kernel must match the dense mask to this (bf16 resolution for O(1) outputs) before a
+# run trusts it; wrong masking (e.g. a causal part aligned top-left) differs by O(1).
+SELF_CHECK_TOLERANCE = 1e-2
+# Devices whose fused kernels are checked: the GPU kernels. On CPU both run torch reference code.
+SELF_CHECK_DEVICES = ("cuda",)
+_kernel_decisions: dict[tuple, dict] = {}
+
+
+def top_left_allowed(prefix_len: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The mask the two varlen calls compute when the kernel aligns causal top-left instead of
+    bottom-right: query q >= k sees keys j <= q - k. [b, 1, s, s], for diagnosing a mismatch."""
+    idx = torch.arange(seq_len, device=prefix_len.device)
+    q, k, p = idx[:, None], idx[None, :], prefix_len[:, None, None]
+    return (((q < p) & (k < p)) | ((q >= p) & (k <= q - p))).unsqueeze(1)
+
+
+def _dense(q, k, v, allowed, scale):
+    """fp32 SDPA with a boolean mask; q, k, v [b, h, s, d]."""
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed, scale=scale)
+
+
+def kernel_matches_dense_mask(kernel: str, shape: tuple, device: torch.device, dtype: torch.dtype,
+                              scale: Optional[float] = None) -> tuple[bool, str]:
+    """Run ``kernel`` (varlen or flex) once on random q, k, v of ``shape`` ([b, s, h, d]) with
+    prefix lengths spread over [0, s], and compare it with the fp32 dense-mask path.
+    Returns (matches, reason). Uses its own generator: the run's RNG streams are not touched,
+    and no per-micro-batch cache is used."""
+    b, s, h, d = shape
+    g = torch.Generator(device=device).manual_seed(1234)
+    q, k, v = (torch.randn(b, s, h, d, generator=g, device=device, dtype=dtype) for _ in range(3))
+    spread = [1, s // 3, s // 2, s - 1, 0, s]  # the edge cases first: 1 and s-1 split unevenly
+    prefix = torch.tensor([min(max(spread[i % len(spread)], 0), s) for i in range(b)], device=device)
+    bhsd = [t.transpose(1, 2) for t in (q, k, v)]
+    try:
+        with torch.no_grad():
+            if kernel == "varlen":
+                out = varlen_prefix_causal(q, k, v, prefix, scale, plan=varlen_plan(prefix, s)).transpose(1, 2)
+            elif kernel == "flex":
+                out = flex_prefix_causal(*bhsd, prefix, scale, block_mask=_flex_block_mask(prefix, s))
+            else:
+                raise ValueError(f"no self-check for kernel {kernel!r}")
+            ref = _dense(*bhsd, prefix_causal_allowed(prefix, s), scale)
+            diff = (out.float() - ref).abs()
+            bound = SELF_CHECK_TOLERANCE * (1 + ref.abs())
+            if bool((diff <= bound).all()):
+                return True, (f"{kernel} matches the dense mask on a random {dtype} batch of shape "
+                              f"{list(shape)} (max |diff| {diff.max().item():.1e} <= {SELF_CHECK_TOLERANCE:g})")
+            top_left = (out.float() - _dense(*bhsd, top_left_allowed(prefix, s), scale)).abs()
+            aligned = (" ; it matches a causal mask aligned top-left, not bottom-right"
+                       if bool((top_left <= bound).all()) else "")
+            return False, (f"{kernel} differs from the dense mask by up to {diff.max().item():.3g} "
+                           f"(> {SELF_CHECK_TOLERANCE:g}) on a random {dtype} batch of shape {list(shape)}{aligned}")
+    except Exception as exc:  # a kernel that cannot run here is as unusable as a wrong one
+        return False, f"{kernel} failed on a random {dtype} batch of shape {list(shape)}: {type(exc).__name__}: {exc}"
+
+
+def choose_kernel(requested: str, shape: tuple, device: torch.device, dtype: torch.dtype,
+                  scale: Optional[float] = None) -> tuple[str, str]:
+    """The kernel a call runs, and why. ``resolve_kernel`` picks it; on a GPU a fused pick is
+    self-checked once per (kernel, device, dtype, head shape) and replaced by masked, with a
+    loud warning, if it does not match the dense mask. ``shape`` is the call's [b, s, h, d]."""
+    kernel = resolve_kernel(requested, device, dtype)
+    if kernel == "masked" or device.type not in SELF_CHECK_DEVICES:
+        return kernel, f"{kernel} (model.attention_kernel={requested}, {device.type}, no self-check needed)"
+    key = (requested, kernel, str(device), dtype, tuple(shape[1:]), scale)
+    if key not in _kernel_decisions:
+        ok, reason = kernel_matches_dense_mask(kernel, shape, device, dtype, scale)
+        chosen = kernel if ok else "masked"
+        if not ok:
+            reason = f"{reason}: falling back to masked (the dense-mask path)"
+            log.warning("ATTENTION KERNEL SELF-CHECK FAILED: %s", reason)
+            warnings.warn(f"attention kernel self-check failed: {reason}", RuntimeWarning, stacklevel=2)
+        _kernel_decisions[key] = dict(requested=requested, checked=kernel, kernel=chosen, passed=ok,
+                                      reason=reason, device=str(device), dtype=str(dtype).replace("torch.", ""))
+    decision = _kernel_decisions[key]
+    return decision["kernel"], decision["reason"]
+
+
+def kernel_self_checks() -> list[dict]:
+    """Every self-check this process ran: requested and checked kernel, the kernel used, whether
+    it passed and why (a record for the run's metrics)."""
+    return [dict(d) for d in _kernel_decisions.values()]
 
 
 # --------------------------------------------------------------------------- megatron module
@@ -275,10 +378,12 @@ class PrefixCausalAttention(MegatronModule):
         prefix_len = attention_mask
         if prefix_len is not None and prefix_len.dtype == torch.bool:
             raise TypeError("PrefixCausalAttention takes prefix lengths [b], not a dense mask")
-        kernel = "masked" if prefix_len is None else resolve_kernel(self.kernel, query.device, query.dtype)
+        kernel = "masked"
         if prefix_len is not None:
-            _log_once(f"prefix-causal attention kernel: {kernel} (model.attention_kernel={self.kernel})",
-                      logging.INFO)
+            kernel, reason = choose_kernel(self.kernel, (b, s, h, d), query.device, query.dtype,
+                                           self.softmax_scale)
+            _log_once(f"prefix-causal attention kernel: {kernel} (model.attention_kernel={self.kernel}): "
+                      f"{reason}", logging.INFO)
         if kernel == "varlen":
             out = varlen_prefix_causal(query.transpose(0, 1), key.transpose(0, 1),
                                        value.transpose(0, 1), prefix_len, self.softmax_scale)
