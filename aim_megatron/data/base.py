@@ -21,13 +21,9 @@ Corrupt samples (truncated, not an image, empty) are skipped, counted (``loader.
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -35,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from aim_megatron.config import Config, ModelConfig
-from aim_megatron.data.shards import (IMAGE_EXTENSIONS, MANIFEST_NAME, index_num_samples,
-                                      read_wds_index, scan_tar)
+# Sources live in their own module; their names stay importable from here.
+from aim_megatron.data.sources import (DataSourceError, Source, check_source_paths,  # noqa: F401
+                                       resolve_source)
 
 logger = logging.getLogger(__name__)
 
@@ -123,125 +120,6 @@ def assign_sources(seed: int, positions: np.ndarray, weights: list[float]) -> np
 def shard_bounds(num_samples: int, rank: int, num_shards: int) -> tuple[int, int]:
     """Contiguous shard of a data-parallel rank; the same split DALI's readers use."""
     return num_samples * rank // num_shards, num_samples * (rank + 1) // num_shards
-
-
-# --------------------------------------------------------------------------- sources
-
-@dataclass
-class Source:
-    """A resolved ``data.train_sources`` entry."""
-    spec: str
-    kind: str                                     # "wds", "folder" or "synthetic"
-    tars: list[str] = field(default_factory=list)
-    indices: list[Optional[str]] = field(default_factory=list)   # DALI index per tar, None if absent
-    files: list[str] = field(default_factory=list)               # folder: image files, sorted
-    labels: list[int] = field(default_factory=list)              # folder: class per file or -1
-    classes: list[str] = field(default_factory=list)
-    num_samples: int = 0
-    has_labels: bool = False
-
-
-class DataSourceError(ValueError):
-    """A data source that cannot be read; the message names the config field to fix."""
-
-
-def _source_error(spec: str, problem: str, field: str = "data.train_sources") -> DataSourceError:
-    return DataSourceError(
-        f"{field}: data source {spec!r}: {problem}. A source is a .tar shard, a directory of shards "
-        f"(tools/make_shards.py writes one), a glob such as 'data/train-*.tar', an image folder "
-        f"(class sub-folders give labels), or 'synthetic'; fix {field}")
-
-
-def _check_path(spec: str, field: str) -> Optional[list[str]]:
-    """The tars a glob matches (None for a plain path), or the error of a source that is missing."""
-    if any(ch in spec for ch in "*?["):
-        tars = sorted(glob.glob(spec))
-        if not tars:
-            raise _source_error(spec, "the glob matched no files", field)
-        return tars
-    path = Path(spec)
-    if not path.exists():
-        raise _source_error(spec, "the path does not exist", field)
-    if path.is_file() and path.suffix != ".tar":
-        raise _source_error(spec, "a file source must be a .tar shard", field)
-    return None
-
-
-def check_source_paths(cfg: Config) -> None:
-    """Cheap start-up check that every source of every split exists (no tree walk, no reads),
-    so a typo fails on every rank at once, before any process group or model exists."""
-    for field, specs in (("data.train_sources", cfg.data.train_sources),
-                         ("data.val_sources", cfg.data.val_sources)):
-        for spec in specs:
-            if spec != "synthetic":
-                _check_path(spec, field)
-
-
-def resolve_source(spec: str, field: str = "data.train_sources") -> Source:
-    """``field``: the config field (or option) that named ``spec``, for the error message."""
-    if spec == "synthetic":
-        return Source(spec, "synthetic", num_samples=0)
-    tars = _check_path(spec, field)
-    if tars is not None:
-        return _wds_source(spec, tars, field)
-    path = Path(spec)
-    if path.is_file():
-        return _wds_source(spec, [str(path)], field)
-    if (path / MANIFEST_NAME).is_file():
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
-        tars = [str(path / s["tar"]) for s in manifest.get("shards", [])]
-        missing = [t for t in tars if not os.path.isfile(t)]
-        if missing:
-            raise _source_error(spec, f"{len(missing)} shard(s) listed in {MANIFEST_NAME} are missing, "
-                                      f"e.g. {missing[0]}; rebuild with tools/make_shards.py", field)
-        src = _wds_source(spec, tars, field)
-        src.classes = list(manifest.get("classes", []))
-        return src
-    tars = sorted(str(p) for p in path.glob("*.tar"))
-    if tars:
-        return _wds_source(spec, tars, field)
-    return _folder_source(spec, path, field)
-
-
-def _wds_source(spec: str, tars: list[str], field: str = "data.train_sources") -> Source:
-    indices, total, has_labels = [], 0, False
-    for i, tar in enumerate(tars):
-        idx = str(Path(tar).with_suffix(".idx"))
-        if os.path.isfile(idx):
-            indices.append(idx)
-            total += index_num_samples(idx)
-            if i == 0:
-                has_labels = any("cls" in s.components for s in read_wds_index(idx)[:16])
-        else:
-            logger.warning("%s has no DALI index (%s); scanning it (slow for big shards). Create it with "
-                           "tools/make_shards.py --index-only %s", tar, idx, tar)
-            indices.append(None)
-            samples = scan_tar(tar)
-            total += len(samples)
-            if i == 0:
-                has_labels = any("cls" in s.components for s in samples[:16])
-    if total == 0:
-        raise _source_error(spec, "the shards hold no samples", field)
-    return Source(spec, "wds", tars=tars, indices=indices, num_samples=total, has_labels=has_labels)
-
-
-def _folder_source(spec: str, root: Path, field: str = "data.train_sources") -> Source:
-    files, labels = [], []
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_of = {c: i for i, c in enumerate(classes)}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(root)
-        label = class_of[rel.parts[0]] if rel.parts else -1
-        for name in sorted(filenames):
-            if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                files.append(os.path.join(dirpath, name))
-                labels.append(label)
-    if not files:
-        raise _source_error(spec, f"no .tar shards and no images ({', '.join(IMAGE_EXTENSIONS)}) found",
-                            field)
-    return Source(spec, "folder", files=files, labels=labels, classes=classes,
-                  num_samples=len(files), has_labels=any(lb >= 0 for lb in labels))
 
 
 # --------------------------------------------------------------------------- streams
@@ -433,7 +311,8 @@ class ImageLoader:
 
     kind = "base"
 
-    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int, split: str = "train"):
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int, split: str = "train",
+                 sources: Optional[list[Source]] = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must lie in [0, dp_size={dp_size})")
         if micro_batch_size < 1:
@@ -455,7 +334,11 @@ class ImageLoader:
         self.cfg, self.dp_rank, self.dp_size, self.micro_batch_size = cfg, dp_rank, dp_size, micro_batch_size
         self.split, self.train = split, split == "train"
         self.weights = list(weights) if weights is not None else [1.0] * len(specs)
-        self.sources = [resolve_source(spec, f"data.{split}_sources") for spec in specs]
+        # Given, or as resolve_sources shared them at start-up, or (single process) read here.
+        self.sources = sources if sources is not None else \
+            [resolve_source(spec, f"data.{split}_sources") for spec in specs]
+        if [s.spec for s in self.sources] != list(specs):
+            raise ValueError(f"sources {[s.spec for s in self.sources]} are not data.{split}_sources={specs}")
         for src in self.sources:
             if src.kind != "synthetic" and src.num_samples < dp_size:
                 raise DataSourceError(f"data.{split}_sources: data source {src.spec!r} has {src.num_samples} "

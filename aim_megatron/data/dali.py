@@ -6,21 +6,26 @@ placeholder in the pipeline and dropped afterwards) -> decode + RandomResizedCro
 On a GPU the decoder is "mixed" (nvJPEG) and the rest runs on the GPU; without CUDA everything runs on
 the CPU with ``device_id=None``. :func:`select_dali_placement` is the one place that decides.
 
-Sharding and resume, per source and DP rank: the reader takes ``shard_id=dp_rank, num_shards=dp_size,
-stick_to_shard=True, pad_last_batch=True``. Each epoch of a shard then spans
-ceil(ceil(n / dp_size) / batch) batches whose first ``shard_size`` samples are the shard's, each once,
-and the rest copies of its last sample; those copies are dropped here, so every epoch is disjoint across
-ranks and complete. Positions are DALI checkpoints (``enable_checkpointing=True``), which include the
+Sharding and resume, per source and DP rank: DP rank r reads samples [n*r // R, n*(r+1) // R)
+(``shard_bounds``). For shards the reader is given only the tars holding them, the two end tars with
+an index cut to this rank's samples (so no rank opens another rank's shard or index), as one DALI
+shard; image folders keep ``shard_id=dp_rank, num_shards=dp_size``. Either way the reader runs with
+``stick_to_shard=True, pad_last_batch=True``: each epoch spans whole batches whose first ``shard_size``
+samples are this rank's, each once, and the rest copies of its last sample; those copies are dropped
+here, so every epoch is disjoint across ranks and complete. Positions are DALI checkpoints (``enable_checkpointing=True``), which include the
 reader, shuffle buffer and augmentation RNG states.
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import itertools
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -36,7 +41,9 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from aim_megatron.config import Config
 from aim_megatron.data.base import (Chunk, ImageLoader, Source, SourceStream, derive_seed, eval_resize_size,
                                shard_bounds)
-from aim_megatron.data.shards import IMAGE_EXTENSIONS, parse_label
+from aim_megatron.data.shards import (IMAGE_EXTENSIONS, index_num_samples, parse_label, write_wds_index,
+                                      write_wds_index_subset)
+from aim_megatron.data.sources import check_shard, count_error, rank_shards, require_tars
 
 logger = logging.getLogger(__name__)
 
@@ -197,13 +204,46 @@ class DaliStream(SourceStream):
         self._base_seed = self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
         lo, hi = shard_bounds(source.num_samples, dp_rank, dp_size)
         self.shard_size = hi - lo
+        self._index_dir: Optional[tempfile.TemporaryDirectory] = None
+        if source.kind == "wds":   # the reader gets only this rank's samples: one shard of one
+            self.source, self._shard_id, self._num_shards = self._rank_view(source, lo, hi), 0, 1
+        else:
+            self._shard_id, self._num_shards = dp_rank, dp_size
         self._pipe = None
         self._build(checkpoint=None, batches_run=0)
+
+    def _rank_view(self, source: Source, lo: int, hi: int) -> Source:
+        """The source cut to samples [lo, hi): this rank's tars only, the two at the ends with an index
+        listing only this rank's samples (written to a node-local temporary directory), so DALI opens
+        no other shard or index. Each index is checked against the description when opened."""
+        starts = source.shard_starts()
+        shards = [t for t in rank_shards(source, lo, hi) if source.shard_sizes[t] > 0]
+        require_tars(source, shards)
+        indices = []
+        for t in shards:
+            first, stop = max(lo - starts[t], 0), min(hi, starts[t + 1]) - starts[t]
+            idx = check_shard(source, t)
+            if idx is not None and first == 0 and stop == source.shard_sizes[t]:
+                indices.append(idx)
+                continue
+            if self._index_dir is None:
+                self._index_dir = tempfile.TemporaryDirectory(prefix="aim-dali-index-")
+            if idx is None:   # no index on disk: DALI would scan the tar, so do it once here
+                logger.warning("%s has no DALI index; scanning it (slow for big shards). Create it with "
+                               "tools/make_shards.py --index-only %s", source.tars[t], source.tars[t])
+                idx = str(write_wds_index(source.tars[t], Path(self._index_dir.name) / f"{t}.full.idx"))
+                if index_num_samples(idx) != source.shard_sizes[t]:
+                    raise count_error(source, t, index_num_samples(idx), "scanning the tar")
+            cut = str(Path(self._index_dir.name) / f"{t}.idx")
+            write_wds_index_subset(idx, cut, int(first), int(stop))
+            indices.append(cut)
+        return dataclasses.replace(source, tars=[source.tars[t] for t in shards], indices=indices,
+                                   shard_sizes=[source.shard_sizes[t] for t in shards], num_samples=hi - lo)
 
     def _build(self, checkpoint: Optional[bytes], batches_run: int) -> None:
         self.close()
         self._pipe = _image_pipeline(
-            self.source, self.placement, self.cfg, self.dp_rank, self.dp_size, self.train,
+            self.source, self.placement, self.cfg, self._shard_id, self._num_shards, self.train,
             batch_size=self.batch_size, num_threads=max(1, self.cfg.data.num_workers),
             device_id=self.placement.device_id, seed=self._seed, enable_checkpointing=True,
             checkpoint=checkpoint, prefetch_queue_depth=2)
@@ -213,7 +253,7 @@ class DaliStream(SourceStream):
             raise RuntimeError(f"DALI counts {meta['epoch_size']} samples in {self.source.spec!r}, the index "
                                f"files say {self.source.num_samples}; regenerate the .idx files")
         # Samples DALI emits per epoch of this shard: the per-shard padded size rounded up to batches.
-        per_shard = meta["epoch_size_padded"] // self.dp_size
+        per_shard = meta["epoch_size_padded"] // self._num_shards
         self._window = math.ceil(per_shard / self.batch_size) * self.batch_size
         self._batches_run = batches_run
 
@@ -277,9 +317,9 @@ class DaliImageLoader(ImageLoader):
     kind = "dali"
 
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int, micro_batch_size: int, split: str = "train",
-                 placement: Optional[DaliPlacement] = None):
+                 placement: Optional[DaliPlacement] = None, sources: Optional[list[Source]] = None):
         self.placement = placement or select_dali_placement(cfg.data.dali_device)
-        super().__init__(cfg, dp_rank, dp_size, micro_batch_size, split)
+        super().__init__(cfg, dp_rank, dp_size, micro_batch_size, split, sources)
 
     def _make_stream(self, source: Source, source_id: int) -> SourceStream:
         return DaliStream(self.cfg, source, source_id, self.dp_rank, self.dp_size, self.micro_batch_size,

@@ -1,8 +1,8 @@
 """Fallback loader without DALI: PIL decode + augmentation in torch DataLoader workers.
 
 Same interface, batch contract, sharding and resume semantics as the DALI loader (not the same
-random crops). WebDataset tars are read with the stdlib: offsets from the DALI index (or a tar scan),
-then seek + read. Each rank's shard is permuted per epoch from (seed, source, rank, epoch), and every
+random crops). WebDataset tars are read with the stdlib: offsets from the DALI index (or a tar scan)
+of only the tars this rank reads, then seek + read. Each rank's shard is permuted per epoch from (seed, source, rank, epoch), and every
 sample's augmentation draws from its own generator seeded by (seed, source, rank, epoch, sample), so a
 position is just (epoch, batch) and resuming needs no RNG state.
 """
@@ -20,7 +20,8 @@ from PIL import Image, ImageEnhance
 from aim_megatron.config import Config
 from aim_megatron.data.base import (Chunk, ImageLoader, Source, SourceStream, derive_seed, eval_resize_size,
                                shard_bounds)
-from aim_megatron.data.shards import IMAGE_EXTENSIONS, parse_label, read_wds_index, scan_tar
+from aim_megatron.data.shards import IMAGE_EXTENSIONS, parse_label
+from aim_megatron.data.sources import open_shard, rank_shards
 
 _RATIO = (3 / 4, 4 / 3)
 
@@ -102,16 +103,22 @@ def augment(img: Image.Image, rng: np.random.Generator, cfg: Config, train: bool
 # --------------------------------------------------------------------------- samples
 
 class SampleTable:
-    """Random access to a source's encoded samples: bytes (None if it has no image), label, name."""
+    """Random access to a source's encoded samples: bytes (None if it has no image), label, name.
 
-    def __init__(self, source: Source):
+    Samples are numbered globally; for shards only the tars holding samples [lo, hi) (default: all)
+    are opened, each index once, here in the constructor (before DataLoader workers fork)."""
+
+    def __init__(self, source: Source, lo: int = 0, hi: Optional[int] = None):
         self.source = source
         if source.kind == "folder":
             self.labels = np.asarray(source.labels, dtype=np.int64)
             return
+        hi = source.num_samples if hi is None else hi
+        shards = rank_shards(source, lo, hi)
+        self.base = int(source.shard_starts()[shards.start]) if len(shards) else 0
         tar_ids, offsets, sizes, label_at = [], [], [], []
-        for t, (tar, idx) in enumerate(zip(source.tars, source.indices)):
-            for s in (read_wds_index(idx) if idx else scan_tar(tar)):
+        for t in shards:
+            for s in open_shard(source, t):
                 ext = next((e for e in IMAGE_EXTENSIONS if e in s.components), None)
                 off, size = s.components[ext] if ext else (0, -1)
                 tar_ids.append(t)
@@ -148,13 +155,14 @@ class SampleTable:
                     return fh.read(), int(self.labels[i]), path
             except OSError:  # vanished or unreadable: counted as corrupt
                 return None, int(self.labels[i]), path
-        t = int(self.tar_ids[i])
-        name = f"{self.source.tars[t]}:{self.offsets[i]}"
-        label_off, label_size = self.label_at[i]
+        j = i - self.base
+        t = int(self.tar_ids[j])
+        name = f"{self.source.tars[t]}:{self.offsets[j]}"
+        label_off, label_size = self.label_at[j]
         label = parse_label(self._read(t, int(label_off), int(label_size))) if label_size >= 0 else -1
-        if self.sizes[i] < 0:
+        if self.sizes[j] < 0:
             return None, label, name
-        return self._read(t, int(self.offsets[i]), int(self.sizes[i])), label, name
+        return self._read(t, int(self.offsets[j]), int(self.sizes[j])), label, name
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
@@ -216,7 +224,7 @@ class TorchStream(SourceStream):
         self.cfg, self.batch_size, self.train = cfg, batch_size, train
         self.lo, self.hi = shard_bounds(source.num_samples, dp_rank, dp_size)
         self._base_seed = self._seed = derive_seed(cfg.train.seed, source_id, dp_rank)
-        self._dataset = _DecodeDataset(SampleTable(source), cfg, self._seed, train)
+        self._dataset = _DecodeDataset(SampleTable(source, self.lo, self.hi), cfg, self._seed, train)
         self._batches_per_epoch = math.ceil((self.hi - self.lo) / batch_size)
         self._next = (0, 0)   # (epoch, batch) of the next chunk
         self._iter = None

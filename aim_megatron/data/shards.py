@@ -177,29 +177,57 @@ def write_wds_index(tar_path: str | Path, index_path: Optional[str | Path] = Non
     return index_path
 
 
-def read_wds_index(index_path: str | Path) -> list[WdsSample]:
-    lines = Path(index_path).read_text().splitlines()
-    header = lines[0].split() if lines else []
+def _index_header(index_path: str | Path, first_line: str) -> int:
+    header = first_line.split()
     if len(header) != 2 or header[0] != WDS_INDEX_VERSION:
         raise ValueError(f"{index_path}: expected a '{WDS_INDEX_VERSION} <n>' header; regenerate it with "
                          f"tools/make_shards.py --index-only")
-    samples = []
-    for line in lines[1:]:
-        fields = line.split()
-        sample = WdsSample(key="")
-        for i in range(0, len(fields), 4):
-            ext, offset, size, name = fields[i:i + 4]
-            sample.components[ext.lower()] = (int(offset), int(size))
-            sample.key = _split_member(name)[0]
-        samples.append(sample)
-    if len(samples) != int(header[1]):
-        raise ValueError(f"{index_path}: header says {header[1]} samples, found {len(samples)}")
+    return int(header[1])
+
+
+def _index_sample(line: str) -> WdsSample:
+    fields = line.split()
+    sample = WdsSample(key="")
+    for i in range(0, len(fields), 4):
+        ext, offset, size, name = fields[i:i + 4]
+        sample.components[ext.lower()] = (int(offset), int(size))
+        sample.key = _split_member(name)[0]
+    return sample
+
+
+def read_wds_index(index_path: str | Path) -> list[WdsSample]:
+    lines = Path(index_path).read_text().splitlines()
+    count = _index_header(index_path, lines[0] if lines else "")
+    samples = [_index_sample(line) for line in lines[1:]]
+    if len(samples) != count:
+        raise ValueError(f"{index_path}: header says {count} samples, found {len(samples)}")
     return samples
+
+
+def read_wds_index_head(index_path: str | Path, n: int) -> list[WdsSample]:
+    """The first ``n`` samples of an index, reading no further into the file."""
+    with open(index_path) as fh:
+        _index_header(index_path, fh.readline())
+        lines = [line for _, line in zip(range(n), fh)]
+    return [_index_sample(line) for line in lines if line.strip()]
+
+
+def write_wds_index_subset(index_path: str | Path, out_path: str | Path, start: int, stop: int) -> int:
+    """Write an index of samples [start, stop) of ``index_path`` (a valid DALI index of the same tar,
+    listing only those samples); returns how many samples the full index holds."""
+    lines = Path(index_path).read_text().splitlines()
+    count = _index_header(index_path, lines[0] if lines else "")
+    body = lines[1:]
+    if len(body) != count:
+        raise ValueError(f"{index_path}: header says {count} samples, found {len(body)}")
+    part = body[start:stop]
+    Path(out_path).write_text("\n".join([f"{WDS_INDEX_VERSION} {len(part)}", *part]) + "\n")
+    return count
 
 
 def index_num_samples(index_path: str | Path) -> int:
     with open(index_path) as fh:
-        return int(fh.readline().split()[1])
+        return _index_header(index_path, fh.readline())
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

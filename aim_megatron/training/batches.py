@@ -59,6 +59,9 @@ class BatchFeed:
         """This rank's training loader (``given``, else built from the config); None on ranks that
         read nothing. Collective: a source that fails on any reading rank fails every rank."""
         loader, problem = None, None
+        # Every rank: global rank 0 reads the manifests/listings once and broadcasts them, so
+        # start-up file operations do not grow with ranks x shards (errors surface below).
+        data.resolve_sources(self.cfg)
         if self.reads_data:
             try:
                 loader = given or data.build_loader(self.cfg, self.dp_rank, self.dp_size,
