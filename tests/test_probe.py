@@ -151,7 +151,7 @@ def test_probe_command_tp2_dp2_equals_one_process(tiny_checkpoint, tmp_path):
     assert abs(a["top1"] - b["top1"]) <= 1 / 500 and abs(a["top5"] - b["top5"]) <= 1 / 500
     for la, lb in zip(a["train_loss_per_epoch"], b["train_loss_per_epoch"]):
         assert abs(la - lb) < 1e-5
-    pa, pb = (torch.load(d / "probe.pt", weights_only=False)["state_dict"] for d in (one, four))
+    pa, pb = (P.load_probe(d / "probe.safetensors")[1]["state_dict"] for d in (one, four))
     for key in pa:
         torch.testing.assert_close(pa[key].float(), pb[key].float(), rtol=1e-5, atol=1e-5, msg=key)
     # Real images, a briefly trained tiny trunk: well above chance (0.1).
@@ -252,7 +252,7 @@ def test_probe_on_an_image_folder_with_corrupt_files_dp2_equals_one_process(tiny
     assert a["num_classes"] == 6 and a["class_names"] == sorted(P_KINDS + ["bad"])
     for la, lb in zip(a["train_loss_per_epoch"], b["train_loss_per_epoch"], strict=True):
         assert abs(la - lb) < 1e-5
-    pa, pb = (torch.load(d / "probe.pt", weights_only=False)["state_dict"] for d in (one, two))
+    pa, pb = (P.load_probe(d / "probe.safetensors")[1]["state_dict"] for d in (one, two))
     for key in pa:
         torch.testing.assert_close(pa[key].float(), pb[key].float(), rtol=1e-5, atol=1e-5, msg=key)
     assert abs(a["top1"] - b["top1"]) <= 1 / n_good

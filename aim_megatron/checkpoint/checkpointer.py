@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel import random as mcore_random
 # torch's checkpoint errors derive from BaseException, not Exception.
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
+from aim_megatron.checkpoint import pickled_files
 from aim_megatron.config import Config
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def read_meta(path: Path) -> dict:
                               f"metadata.json missing); resume from an older step_* directory")
     try:
         return json.loads(meta_file.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not JSON, or not even text
         raise CheckpointError(f"{meta_file} is corrupt ({exc}); resume from an older checkpoint") from exc
 
 
@@ -222,6 +223,7 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     try:
         # RETURN_UNEXPECTED: entries this model asks for that the checkpoint lacks come back
         # (and are left out of the read) instead of failing deep inside the reader.
+        pickled_files.check(path, CheckpointError)  # megatron-core unpickles .metadata with plain pickle
         loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     except (Exception, TorchCheckpointException) as exc:  # damaged files raise many kinds
         raise CheckpointError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}. "

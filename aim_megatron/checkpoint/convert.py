@@ -5,7 +5,7 @@ then k, then v) into a dist checkpoint for any layout (one process; torchrun wor
 
     python tools/convert_checkpoint.py import --src aim_600m.pth \\
         --dst runs/aim600m model.preset=aim-600M parallel.tp=2 parallel.pp=2 \\
-        [--config base.yaml] [--probe-out runs/aim600m/probe/official.pt --probe-layers best]
+        [--config base.yaml] [--probe-out runs/aim600m/probe/official.safetensors --probe-layers best]
 
 writes runs/aim600m/checkpoints/step_00000000 (+ latest): `aim-pretrain` continues from it with
 train.output_dir=runs/aim600m and `aim-probe` probes it. The import streams: one process
@@ -20,7 +20,7 @@ initialised from train.seed, identically for every layout. The file's attentive-
 Export to the official format (one process, any source layout):
 
     python tools/convert_checkpoint.py export --src runs/x/checkpoints/step_00001000 \\
-        --out aim.pth [--probe runs/x/probe/attentive-last/probe.pt]
+        --out aim.pth [--probe runs/x/probe/attentive-last/probe.safetensors]
 
 writes the trunk (fp32) and, with --probe, our probe head as head.*; .safetensors also works.
 Export reads the checkpoint one tensor at a time (aim_megatron/checkpoint/streaming.py): memory stays at
@@ -308,7 +308,8 @@ def main(argv=None) -> int:
     e = sub.add_parser("export", help="aim-megatron checkpoint -> official AIM v1 state dict")
     e.add_argument("--src", type=Path, required=True, help="a step_* checkpoint directory")
     e.add_argument("--out", type=Path, required=True, help=".pth or .safetensors")
-    e.add_argument("--probe", type=Path, help="probe.pt written by aim-probe: exported as head.*")
+    e.add_argument("--probe", type=Path,
+                   help="probe.safetensors (or an older probe.pt) written by aim-probe: exported as head.*")
     e.add_argument("--format", dest="fmt", choices=("aim-v1", "l3m"), default="aim-v1",
                    help="aim-v1: released AIM v1 trunk (default); l3m: apple/ml-l3m model state dict")
     args = ap.parse_args(argv)
@@ -345,7 +346,7 @@ def main(argv=None) -> int:
         if args.fmt == "l3m" and args.probe is not None:
             raise ConvertError("--probe: ml-l3m's AIM v1 model has no probe head; export without --probe")
         if args.probe is not None and not args.probe.is_file():
-            raise ConvertError(f"--probe {args.probe}: no such file; pass the probe.pt aim-probe wrote")
+            raise ConvertError(f"--probe {args.probe}: no such file; pass the probe.safetensors aim-probe wrote")
 
     def body() -> None:
         if int(os.environ.get("RANK", 0)) != 0:  # one process does it all; under torchrun, rank 0

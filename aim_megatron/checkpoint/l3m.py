@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aim_megatron.checkpoint import pickled_files
 from aim_megatron.config import ModelConfig
 from aim_megatron.checkpoint.official import state_dict_mismatch
 
@@ -264,7 +265,7 @@ def _read_dcp(path: Path) -> dict[str, torch.Tensor]:
     optimizer entries are not read."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    reader = dcp.FileSystemReader(str(path))
+    reader = pickled_files.CheckedFileSystemReader(path, L3MFormatError)  # .metadata is a pickle
     meta = reader.read_metadata().state_dict_metadata
     model = {k[len("model."):]: v for k, v in meta.items() if k.startswith("model.")}
     if not model:

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePla
                                                   TensorWriteData, WriteItem, WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from aim_megatron.checkpoint import pickled_files
 from aim_megatron.checkpoint.checkpointer import CheckpointError
 from aim_megatron.config import Config
 
@@ -148,7 +149,7 @@ class DistCheckpointReader:
     """Tensors of a dist checkpoint, by full megatron name, a few at a time."""
 
     def __init__(self, step_dir: Path, slots: dict[str, Slot]):
-        self.reader = dcp.FileSystemReader(str(step_dir))
+        self.reader = pickled_files.CheckedFileSystemReader(step_dir, CheckpointError)
         self.metadata = self.reader.read_metadata()
         self.reader.read_metadata = lambda: self.metadata  # read .metadata once, not per load
         self.slots = slots

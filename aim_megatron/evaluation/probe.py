@@ -1,5 +1,6 @@
 """The probe itself: its config (``probe:`` YAML section, ``probe.key=value`` overrides), the trunk
-blocks it reads, the attentive and linear probe heads, and probe checkpoints (``probe.pt``).
+blocks it reads, the attentive and linear probe heads, and probe checkpoints (``probe.safetensors``;
+older ``probe.pt`` files load too).
 
 Features are the mean of raw trunk block outputs (``AIMModel.block_features``, bidirectional
 attention) over a layer set: "last" (last 6 blocks), "best" (the paper's blocks for the official
@@ -10,6 +11,8 @@ trunk features), ``probe_train`` (training and evaluation), ``report`` (outputs)
 from __future__ import annotations
 
 import dataclasses
+import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -19,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from aim_megatron.checkpoint.pickled_files import refusal_reason
 from aim_megatron.config import (BEST_PROBE_LAYERS, PRESETS, ConfigError, ModelConfig, _coerce, parse_value,
                                  read_yaml_file)
 
@@ -254,20 +258,70 @@ def set_reduce_group(probe: nn.Module, group) -> None:
 
 # --------------------------------------------------------------------------- probe checkpoints
 
+# Probes are passed around between people, so their files hold data only: the tensors in
+# safetensors, the record as JSON in its metadata. Nothing in such a file can run when loaded.
+PROBE_RECORD_KEY = "aim_megatron_probe"
+
+
 def save_probe(path: str | Path, probe: nn.Module, cfg: ProbeConfig, layers: list[int],
                model: ModelConfig, class_names: list[str], metrics: Optional[dict] = None) -> None:
-    torch.save({"format": PROBE_FORMAT, "kind": cfg.kind, "layers": layers,
-                "probe_config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model),
-                "num_classes": probe.linear.out_features, "class_names": class_names,
-                "state_dict": probe.state_dict(), "metrics": metrics or {}}, path)
+    """A safetensors file (whatever ``path`` is named): the probe's state dict, and its record
+    (everything ``load_probe`` returns but the state dict) as JSON under ``PROBE_RECORD_KEY``."""
+    from safetensors.torch import save_file
+    record = {"format": PROBE_FORMAT, "kind": cfg.kind, "layers": layers,
+              "probe_config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model),
+              "num_classes": probe.linear.out_features, "class_names": class_names,
+              "metrics": metrics or {}}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()}
+    save_file(tensors, str(path), metadata={PROBE_RECORD_KEY: json.dumps(record)})
+
+
+def _is_safetensors_file(path: Path) -> bool:
+    """A safetensors header by its shape (a length, then JSON that fits in the file). Not the
+    other way round: a header length can start with torch.save's bytes ("PK", 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    header_end = 8 + int.from_bytes(head[:8], "little")
+    return len(head) == 9 and head[8:] == b"{" and header_end <= path.stat().st_size
+
+
+def _read_probe_record(path: Path) -> Any:
+    if not _is_safetensors_file(path):  # a torch.save probe.pt of before, or not a probe
+        # weights_only: tensors, dicts, lists, strings and numbers, which is all a probe record
+        # holds; a pickled function or class (code it would run) is refused before it is built.
+        try:
+            with open(path, "rb") as f:  # a file object: torch.load would route a path by its suffix
+                return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "GLOBAL" in str(exc):  # a class or function to build: code the file would run
+                raise ValueError(f"{path} holds more than a probe's tensors and settings, refused: it "
+                                 f"could run code on this machine ({refusal_reason(exc)})") from None
+            raise ValueError(f"{path} is not an aim-megatron probe checkpoint (neither safetensors nor "
+                             f"torch.save: {refusal_reason(exc)})") from None
+        except (RuntimeError, EOFError, ValueError, KeyError, AttributeError, TypeError) as exc:  # damage
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"{path} is not an aim-megatron probe checkpoint: {reason}") from None
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(PROBE_RECORD_KEY)
+            record = json.loads(raw) if raw is not None else None
+            if isinstance(record, dict):
+                record["state_dict"] = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path} is not an aim-megatron probe checkpoint (neither safetensors nor "
+                         f"torch.save: {reason})") from None
+    return record
 
 
 def load_probe(path: str | Path) -> tuple[nn.Module, dict]:
-    """(probe in eval mode, the saved record) of a ``save_probe`` file."""
+    """(probe in eval mode, the saved record) of a ``save_probe`` file, or of a ``probe.pt`` from
+    before probes were safetensors. Neither runs code from the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"probe checkpoint {path} does not exist")
-    record = torch.load(path, map_location="cpu", weights_only=False)
+    record = _read_probe_record(path)
     if not isinstance(record, dict) or record.get("format") != PROBE_FORMAT:
         raise ValueError(f"{path} is not an aim-megatron probe checkpoint (see probe.save_probe)")
     m = record["model"]

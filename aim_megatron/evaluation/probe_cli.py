@@ -60,7 +60,7 @@ def run_probe(cfg, ckpt: Path, probe_cfg: ProbeConfig, specs: dict[str, str], ou
               train_samples: Optional[int] = None, test_samples: Optional[int] = None,
               random_init: bool = False) -> dict:
     """Build the trunk (loaded from ``ckpt`` unless ``random_init``), cache features, train and
-    evaluate the probe; rank 0 writes metrics.json, confusion.png and probe.pt to ``out_dir``.
+    evaluate the probe; rank 0 writes metrics.json, confusion.png and probe.safetensors to ``out_dir``.
     ``specs``: the data of the "train" and "test" splits (see :func:`open_labelled`)."""
     from megatron.core import parallel_state
     from aim_megatron.checkpoint import checkpointer as checkpoint

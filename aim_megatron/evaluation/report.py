@@ -1,4 +1,4 @@
-"""What a probe run leaves behind: metrics.json, the confusion matrix as a PNG and probe.pt."""
+"""What a probe run leaves behind: metrics.json, the confusion matrix as a PNG and probe.safetensors."""
 from __future__ import annotations
 
 import json
@@ -13,14 +13,15 @@ from aim_megatron.evaluation.probe import ProbeConfig, save_probe
 
 def write_probe_results(out_dir: Path, metrics: dict, confusion: torch.Tensor, probe: nn.Module,
                         probe_cfg: ProbeConfig, model: ModelConfig) -> None:
-    """metrics.json (``metrics`` as is), confusion.png and probe.pt (with a summary of the metrics)."""
+    """metrics.json (``metrics`` as is), confusion.png and probe.safetensors (with a summary of the metrics)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     title = (f"{probe_cfg.kind} probe{' (random-init trunk)' if metrics['random_init'] else ''}: "
              f"top-1 {metrics['top1']:.1%}")
     save_confusion_png(confusion, metrics["class_names"], out_dir / "confusion.png", title)
     summary = {k: metrics[k] for k in ("top1", "top5", "num_train", "num_test")}
-    save_probe(out_dir / "probe.pt", probe, probe_cfg, metrics["layers"], model, metrics["class_names"], summary)
+    save_probe(out_dir / "probe.safetensors", probe, probe_cfg, metrics["layers"], model, metrics["class_names"],
+               summary)
 
 
 def save_confusion_png(cm: torch.Tensor, class_names: list[str], path: str | Path, title: str) -> None:

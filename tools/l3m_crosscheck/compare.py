@@ -12,7 +12,7 @@ cfg = checkpoint.config_from_checkpoint(step, SINGLE_PROCESS)
 parallel.initialize(cfg)
 (model,) = parallel.build_model(cfg, wrap_ddp=False)
 checkpoint.load(step, cfg, [model]); model.eval()
-ref = torch.load(refp)
+ref = torch.load(refp, weights_only=True)
 with torch.no_grad():
     errors = model(ref["images"], ref["prefix_len"])
     mask = loss_mask(ref["prefix_len"], cfg.model.num_patches)

@@ -13,7 +13,7 @@ status = model.load_state_dict(ckpt_helpers.prepare_and_load_checkpoints({"check
 print("l3m load_state_dict(strict=False):", status)
 assert not status.missing_keys and not status.unexpected_keys
 model.eval()
-ref = torch.load(inputs)
+ref = torch.load(inputs, weights_only=True)
 loss_fn = RasterPixelLoss(read_key="image_preds", norm_pix_loss=True, mask_read_key="encoder_prefix_mask",
                           patch_size=p, image_size=img)
 mask = torch.arange(n)[None, :] >= ref["prefix_len"][:, None]
