@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         # torch: the CPU wheel 2.13.0 here; NGC containers bring their own CUDA build.
-        "torch>=2.5",
+        "torch>=2.6",             # weights_only=True loads (files from others) need >= 2.6; megatron-core 0.16.1 too
         # 0.16.1 is the newest megatron-core for Python 3.11; 0.17+ needs Python >= 3.12.
         "megatron-core>=0.16.1,<0.18",
         "psutil>=5.9",            # dist_checkpointing needs it but does not declare it
@@ -36,5 +36,6 @@ setup(
         "aim-estimate-memory=aim_megatron.scaling.estimate_memory:main",
         "aim-layout=aim_megatron.scaling.slurm_layout:main",
         "aim-plot-metrics=aim_megatron.training.plot_metrics:main",
+        "aim-simulate-scale=aim_megatron.scaling.simulate:main",
     ]},
 )

@@ -10,6 +10,7 @@
 - ``fit``: fitting L(N, D) and L(C), bootstrap intervals, compute-optimal predictions.
 - ``plot``: the fit's plots (fit.png, residuals.png).
 - ``cli``: the ``aim-sweep`` command (plan / launch / collect / finish / fit / predict).
-- ``simulate``, ``simulate_data``: a world of thousands of GPUs simulated rank by rank on one CPU
-  process (sharding, distributed optimizer, memory, resharding and the data path checked).
+- ``simulate`` (the ``aim-simulate-scale`` command and the growth table), ``simulate_world``
+  (acting as each rank of a fake world of thousands of GPUs), ``simulate_checks`` (sharding,
+  distributed-optimizer, memory and reshard checks), ``simulate_data`` (the data path's shares).
 """
