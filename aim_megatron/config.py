@@ -169,13 +169,29 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 0        # steps between validations; 0 = only at the end
     eval_iters: int = 4           # global batches per validation
-    save_interval: int = 0        # steps between checkpoints; 0 = only at the end
+    # Steps between checkpoints; 0 = only at the end; "auto" = the Young/Daly interval from the
+    # failure rate and the save stall (scaling/checkpoint_interval.py), printed at start-up.
+    save_interval: typing.Union[int, str] = 0
     keep_last: int = 3            # checkpoints kept (0 = all)
+    # Checkpoints written in the background (megatron-core async save): training goes on while
+    # the files are written, and `latest` moves once every rank's write is complete.
+    async_save: bool = True
+    # Spread the writes of data-parallel replicas over the data-parallel ranks.
+    fully_parallel_save: bool = True
+    # Mean time between unexpected interruptions of one GPU, hours, for save_interval=auto and
+    # the start-up summary; the default is Llama 3's (419 in 54 days on 16,384 GPUs).
+    gpu_mtbf_hours: float = 54 * 24 * 16384 / 419
     max_bad_steps: int = 5        # consecutive NaN/inf steps before the run stops
     exit_after_steps: int = 0     # checkpoint and exit (code 0) after this many steps in this run
     # Seconds without progress on some rank before every rank dumps its stacks, names the stuck
     # rank(s) and exits 3 (requeue); 0 = off. Must exceed the slowest step, evaluation and save.
     hang_timeout_s: float = 0.0
+    # Restarts after failures (a crashed or killed rank, a lost node, a hang) per Slurm job before
+    # the sbatch scripts give up (training/restarts.py); 0 = never restart after a failure.
+    max_restarts: int = 10
+    # Seconds without a heartbeat after which another run's writer lock on output_dir is taken
+    # over (docs/slurm.md); the heartbeat is refreshed every min(10, this / 5) s.
+    lock_timeout_s: float = 300.0
     tensorboard: bool = True
 
     @property
@@ -237,10 +253,12 @@ def _field_types(cls) -> dict[str, Any]:
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union:  # Optional[X], or a number that may also be a keyword ("auto")
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None:
             return None
+        if isinstance(value, str) and str in args:
+            return value
         return _coerce(value, args[0], where)
     if origin is list:
         (item_type,) = typing.get_args(typ)
@@ -458,6 +476,9 @@ _AT_LEAST: dict[str, tuple[float, bool]] = {
     "train.log_interval": (1, True), "train.eval_interval": (0, True), "train.eval_iters": (1, True),
     "train.save_interval": (0, True), "train.keep_last": (0, True), "train.max_bad_steps": (1, True),
     "train.exit_after_steps": (0, True), "train.hang_timeout_s": (0, True),
+    "train.max_restarts": (0, True),
+    "train.lock_timeout_s": (0, False),
+    "train.gpu_mtbf_hours": (0, False),
     "data.num_workers": (0, True), "data.crop_scale_min": (0, False), "data.shuffle_buffer": (1, True),
 }
 _HINTS = {  # what 0 or a negative value would have meant, where it is a likely mistake
@@ -469,6 +490,7 @@ _HINTS = {  # what 0 or a negative value would have meant, where it is a likely 
     "train.keep_last": "0 keeps every checkpoint",
     "train.clip_grad": "0 turns clipping off",
     "train.hang_timeout_s": "0 turns hang detection off",
+    "train.max_restarts": "0 means a failure ends the job",
 }
 _BELOW = {"train.adam_beta1": 1.0, "train.adam_beta2": 1.0, "train.seed": 2 ** 32}
 
@@ -489,7 +511,7 @@ def _check_ranges(cfg: Config) -> None:
                 raise ConfigError(f"{key}={value!r}: must be a finite number")
             if isinstance(v, str) and key.endswith(("_sources", "output_dir")) and not v.strip():
                 raise ConfigError(f"{key}={value!r}: an empty path; name a directory, file or glob")
-        if value is None or key not in _AT_LEAST:
+        if value is None or key not in _AT_LEAST or isinstance(value, str):  # keywords: validate()
             continue
         lo, inclusive = _AT_LEAST[key]
         hint = f" ({_HINTS[key]})" if key in _HINTS else ""
@@ -523,6 +545,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_choice("train.fp8_recipe", t.fp8_recipe, ("delayed", "tensorwise"))
     _check_choice("train.fp8_amax_reduction", t.fp8_amax_reduction, ("tp_dp", "tp"))
     _check_choice("data.loader", cfg.data.loader, ("auto", "dali", "torch"))
+    if isinstance(t.save_interval, str):
+        _check(t.save_interval == "auto", f"train.save_interval={t.save_interval!r}: expected an integer "
+                                          f"number of steps (0 = only at the end) or 'auto' (from the "
+                                          f"failure rate)")
     _check_choice("data.dali_device", cfg.data.dali_device, ("auto", "cpu", "gpu"))
 
     # Model shape.

@@ -4,6 +4,8 @@
 #   scripts/slurm_cluster.sh start [--nodes N]   (re)start munge, slurmctld and N slurmd (n1..nN)
 #   scripts/slurm_cluster.sh stop                stop the daemons this script started
 #   scripts/slurm_cluster.sh status
+#   scripts/slurm_cluster.sh lose-node NODE     a node lost: SIGKILL its job processes, stop its
+#                                                slurmd; after SlurmdTimeout it is DOWN (NODE_FAIL)
 # No systemd: the daemons are started by hand. Everything but /etc/slurm/slurm.conf (where the
 # client commands look) lives in AIM_SLURM_STATE (default /var/lib/aim-slurm), wiped on start
 # so an old StateSaveLocation cannot stop slurmctld ("CLUSTER NAME MISMATCH").
@@ -15,6 +17,9 @@ STATE="${AIM_SLURM_STATE:-/var/lib/aim-slurm}"
 CONF=/etc/slurm/slurm.conf
 GRACE="${AIM_SLURM_GRACE:-30}"     # seconds between preemption's SIGTERM and SIGKILL
 KILL_WAIT="${AIM_SLURM_KILL_WAIT:-30}"
+# Seconds before a node whose slurmd stopped answering is DOWN and its jobs NODE_FAIL (Slurm's
+# default 300 would stall a node-loss test for minutes; too low and a loaded host flaps).
+SLURMD_TIMEOUT="${AIM_SLURMD_TIMEOUT:-20}"
 
 die() { echo "slurm_cluster.sh: $*" >&2; exit 1; }
 
@@ -43,8 +48,44 @@ stop() {
     for child in $(pgrep -P "$pid"); do kill -9 -- "-$child" "$child" 2>/dev/null || true; done
     kill -9 "$pid" 2>/dev/null || true
   done
+  # Job processes whose slurmstepd is already gone (a lost node's survivors, reparented to init):
+  # they keep ports (torchrun's store at 20000 + job id) that the next cluster's jobs, numbered
+  # from 1 again, would connect to.
+  local orphans
+  orphans="$(grep -lz "^SLURM_JOB_ID=" /proc/[0-9]*/environ 2>/dev/null | sed 's#/proc/\([0-9]*\)/environ#\1#' |
+    grep -vx "$$" | paste -sd' ' || true)"
+  # shellcheck disable=SC2086
+  if [ -n "$orphans" ]; then kill -9 $orphans 2>/dev/null || true; fi
   for f in "$STATE"/slurmd.*.pid "$STATE/slurmctld.pid"; do stop_pidfile "$f"; done
   stop_pidfile "$STATE/munged.pid"
+}
+
+lose_node() {  # node $1 vanishes: its slurmd and every process of its job steps, SIGKILLed at once
+  local node="${1:?lose-node NODE}" pid pids=""
+  [ -f "$STATE/slurmd.$node.pid" ] || die "no slurmd pid file for $node in $STATE"
+  pids="$(cat "$STATE/slurmd.$node.pid")"
+  # Its tasks (and batch script) carry SLURMD_NODENAME in their environment, all nodes sharing
+  # this one host; their parents are the node's slurmstepds. One grep over /proc: a loop of them
+  # took over a minute on a loaded host.
+  # Builtins only inside the loop: a fork per process took seconds while the node's job ran on.
+  local env task envs key value comm
+  mapfile -t envs < <(grep -lzx "SLURMD_NODENAME=$node" /proc/[0-9]*/environ 2>/dev/null || true)
+  for env in "${envs[@]}"; do
+    task="${env#/proc/}"
+    task="${task%/environ}"
+    pids="$pids $task"
+    pid=""
+    while read -r key value; do
+      if [ "$key" = PPid: ]; then pid="$value"; break; fi
+    done < "/proc/$task/status" 2>/dev/null || true
+    comm=""
+    if [ -n "$pid" ]; then read -r comm < "/proc/$pid/comm" 2>/dev/null || true; fi
+    if [ "$comm" = slurmstepd ]; then pids="$pids $pid"; fi
+  done
+  # shellcheck disable=SC2086
+  kill -9 $pids 2>/dev/null || true
+  rm -f "$STATE/slurmd.$node.pid"
+  echo "slurm_cluster.sh: $node lost (killed: $pids); DOWN after SlurmdTimeout=$(awk -F= '/^SlurmdTimeout/ {print $2}' "$CONF") s"
 }
 
 start_munge() {
@@ -86,6 +127,7 @@ write_conf() {
     echo "SchedulerParameters=sched_interval=2,bf_interval=2"
     echo "MinJobAge=600"
     echo "KillWait=$KILL_WAIT"
+    echo "SlurmdTimeout=$SLURMD_TIMEOUT"
     echo "PreemptType=preempt/partition_prio"
     echo "PreemptMode=REQUEUE"
     echo "StateSaveLocation=$STATE/ctld"
@@ -143,5 +185,6 @@ case "${1:-}" in
   start) shift; start "$@" ;;
   stop) stop; echo "slurm_cluster.sh: stopped" ;;
   status) scontrol ping; sinfo ;;
-  *) echo "usage: $0 start [--nodes N] | stop | status" >&2; exit 2 ;;
+  lose-node) shift; lose_node "$@" ;;
+  *) echo "usage: $0 start [--nodes N] | stop | status | lose-node NODE" >&2; exit 2 ;;
 esac

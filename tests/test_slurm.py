@@ -135,13 +135,18 @@ if [ "$1" = show ]; then seq -f "node%03g" 1 5000; else echo "scontrol $*" >> "$
 """
 FAKE_PYTHON = """#!/bin/bash
 if [ "$1" = tools/slurm_layout.py ]; then exec "$REAL_PYTHON" "$@"; fi
+# the restart decisions of lib.sh are real (training/restarts.py)
+case "$3" in begin|decide) exec "$REAL_PYTHON" "$@" ;; esac
 echo "trainer $*" >> "$FAKE_LOG"
 env | grep -E '^(RANK|LOCAL_RANK|WORLD_SIZE|MASTER_ADDR|MASTER_PORT|CUDA_DEVICE_MAX_CONNECTIONS|OMP_NUM_THREADS)=' \
   | sort >> "$FAKE_LOG"
 case "$FAKE_MODE" in
   exit0) exit 0 ;;
   exit3) exit 3 ;;
-  fail) exit 1 ;;
+  fail) mkdir -p "$AIM_RESTART_DIR"   # bad input, as the train wrapper records it
+        echo '{"rank": 0, "code": 1}' > "$AIM_RESTART_DIR/exit_rank0.json"; exit 1 ;;
+  crash_once) if [ ! -f "$FAKE_LOG.crashed" ]; then touch "$FAKE_LOG.crashed"; exit 137; fi
+              exit 0 ;;
   marker1) echo '{"step": 7}' > "$AIM_REQUEUE_MARKER"; exit 1 ;;
   wait) trap 'echo "trainer got TERM" >> "$FAKE_LOG"; exit 3' TERM
         touch "$FAKE_LOG.started"
@@ -159,11 +164,14 @@ esac
 def fake_slurm(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON)):
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", FAKE_PYTHON),
+                       ("sinfo", "#!/bin/bash\n")):   # no node is down
         p = bin_dir / name
         p.write_text(text)
         p.chmod(p.stat().st_mode | stat.S_IEXEC)
     log = tmp_path / "log"
+    # the restart history of the default output directory runs/unit: each test starts afresh
+    shutil.rmtree(ROOT / "runs" / "unit" / "restarts", ignore_errors=True)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "AIM_PYTHON": str(bin_dir / "python"),
            "REAL_PYTHON": sys.executable, "FAKE_LOG": str(log), "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NAME": "unit", "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_NODELIST": "node[001-002]",
@@ -180,15 +188,19 @@ def run_sbatch(script, env, mode, *args):
 
 
 @pytest.mark.parametrize("mode,rc,requeued", [("exit0", 0, False), ("exit3", 0, True), ("fail", 1, False),
-                                               ("marker1", 0, True)])
+                                               ("marker1", 0, True), ("crash_once", 0, False)])
 def test_sbatch_requeues_only_when_trainer_exits_3(fake_slurm, mode, rc, requeued):
     env, log = fake_slurm
     r = run_sbatch("multi_node_srun.sbatch", env, mode, "train.log_interval=5")
     assert r.returncode == rc, r.stdout + r.stderr
     text = log.read_text()
     assert ("scontrol requeue 4242" in text) == requeued
-    assert ("trainer -m aim_megatron.train --config examples/slurm/configs/aim-600M.yaml "
-            "train.output_dir=runs/unit train.log_interval=5") in text
+    assert ("trainer -m aim_megatron.training.restarts train --config "
+            "examples/slurm/configs/aim-600M.yaml train.output_dir=runs/unit train.log_interval=5") in text
+    # a crash (137, no rank record) relaunches the step in the allocation; bad input does not
+    launches = text.count("trainer -m aim_megatron.training.restarts train")
+    assert launches == (2 if mode == "crash_once" else 1), r.stdout
+    assert ("relaunching the training step" in r.stdout) == (mode == "crash_once"), r.stdout
     for var in ("RANK=0", "LOCAL_RANK=0", "WORLD_SIZE=1", "MASTER_ADDR=node001", "MASTER_PORT=24242",
                 "CUDA_DEVICE_MAX_CONNECTIONS=1"):
         assert var in text.splitlines()
@@ -197,13 +209,14 @@ def test_sbatch_requeues_only_when_trainer_exits_3(fake_slurm, mode, rc, requeue
 def test_sbatch_torchrun_command(fake_slurm):
     env, log = fake_slurm
     assert run_sbatch("multi_node_torchrun.sbatch", env, "exit0").returncode == 0
-    assert ("trainer -m torch.distributed.run --nnodes=2 --nproc_per_node=8 --rdzv_id=4242 "
-            "--rdzv_backend=c10d --rdzv_endpoint=node001:24242 --max_restarts=0 -m aim_megatron.train "
-            f"--config {CONFIG} train.output_dir=runs/unit") in log.read_text()
+    assert ("trainer -m aim_megatron.training.restarts torchrun --nnodes=2 --nproc_per_node=8 "
+            "--rdzv_id=4242 --rdzv_backend=c10d --rdzv_endpoint=node001:24242 --max_restarts=0 "
+            f"-m aim_megatron.training.restarts train --config {CONFIG} train.output_dir=runs/unit") \
+        in log.read_text()
     log.unlink()
     assert run_sbatch("single_node.sbatch", env, "exit0").returncode == 0
-    assert "trainer -m torch.distributed.run --standalone --nproc_per_node=8 -m aim_megatron.train" \
-        in log.read_text()
+    assert ("trainer -m aim_megatron.training.restarts torchrun --standalone --nproc_per_node=8 "
+            "-m aim_megatron.training.restarts train") in log.read_text()
 
 
 def test_sbatch_usr1_checkpoints_and_requeues(fake_slurm):

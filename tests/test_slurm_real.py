@@ -26,8 +26,12 @@ from conftest import ROOT
 
 CONFIG = "examples/configs/aim_tiny_synthetic.yaml"
 STEPS = 40
+# Synchronous saves: these jobs test stops, requeues and the watchdog, whose promise is "resume
+# from the last periodic checkpoint"; an asynchronous one still being written when a rank hangs
+# is not complete, and the run would fall back one interval further (tests/test_checkpoint_faults.py
+# covers asynchronous saves under faults).
 OVERRIDES = [f"train.train_iters={STEPS}", "train.log_interval=1", "train.tensorboard=false",
-             "train.eval_interval=0", "train.save_interval=0"]
+             "train.eval_interval=0", "train.save_interval=0", "train.async_save=false"]
 HANG_TIMEOUT_S = 30      # train.hang_timeout_s of the hang job: above any step or save under load
 HANG_SAVE_INTERVAL = 5
 

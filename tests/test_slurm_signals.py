@@ -13,26 +13,29 @@ BASE = TINY + ["model.in_channels=1", "train.micro_batch_size=2", "train.global_
                "train.train_iters=6"]
 
 # Runs aim-pretrain in-process with signals sent from inside at exact points: SIGTERM x3 while
-# checkpoint.save writes (the first before the write), or SIGTERM during checkpoint.load.
+# the trainer's checkpoint saver writes (the first before the write), or SIGTERM during
+# checkpoint.load.
 DRIVER = """
 import os, signal, sys, time
 from aim_megatron.checkpoint import checkpointer as checkpoint
 from aim_megatron.training import main as pretrain
+from aim_megatron.training.checkpointing import CheckpointSaver
 from aim_megatron.training.trainer import Trainer
 mode, args = sys.argv[1], sys.argv[2:]
-real_save, real_load, real_step = checkpoint.save, checkpoint.load, Trainer.train_step
+real_save, real_load, real_step = CheckpointSaver.save, checkpoint.load, Trainer.train_step
 
-def save(*a, **k):
+def save(self, step, *a, **k):
     if mode == "during-save":
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.2)
-        path = real_save(*a, **k)
+        real_save(self, step, *a, **k)
+        path = self.root / checkpoint.step_dir_name(step)
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.2)
         open(os.environ["SAVE_DONE"], "a").write(str(path) + "\\n")
-        return path
-    return real_save(*a, **k)
+        return
+    return real_save(self, step, *a, **k)
 
 def load(*a, **k):
     if mode == "during-resume":
@@ -45,7 +48,7 @@ def step(self):
         os.kill(os.getpid(), signal.SIGTERM)
     return out
 
-checkpoint.save, checkpoint.load, Trainer.train_step = save, load, step
+CheckpointSaver.save, checkpoint.load, Trainer.train_step = save, load, step
 sys.exit(pretrain.main(args))
 """
 

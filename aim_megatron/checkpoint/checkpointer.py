@@ -6,29 +6,44 @@ Layout on disk::
     <output_dir>/checkpoints/step_00000100/   dist_checkpointing files + aim_meta.json
     <output_dir>/checkpoints/latest           "step_00000100", replaced atomically, last
 
-A save writes ``.tmp_step_*`` and renames it once complete, so a crash or SIGKILL mid-save never
-touches the last good checkpoint; ``latest`` only ever names a complete directory. Because the
-checkpoint is stored by global tensor keys, any TP/PP/VP/DP layout can load it (resharding).
+A save writes ``.tmp_step_*`` and renames it once every rank's files are complete, so a crash or
+SIGKILL mid-save never touches the last good checkpoint; ``latest`` only ever names a complete
+directory. The files may be written in the background (``start_save`` returns megatron-core's
+AsyncRequest: its async_fn writes, its finalize functions publish the checkpoint on every rank),
+and data-parallel replicas spread their writes over the data-parallel ranks (megatron's fully
+parallel save strategy). Because the checkpoint is stored by global tensor keys, any TP/PP/VP/DP
+layout can load it (resharding). A resume from ``latest`` that cannot read it falls back to the
+newest readable older checkpoint (``load_newest_readable``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel import random as mcore_random
 # torch's checkpoint errors derive from BaseException, not Exception.
 from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
+from aim_megatron import cli
 from aim_megatron.checkpoint import pickled_files
 from aim_megatron.config import Config
+from aim_megatron.distributed import cpu_shims
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +54,12 @@ _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and what to do."""
+    """A checkpoint that cannot be used or written; the message names the path and what to do."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files are missing, truncated or unreadable (not one that is readable but
+    does not fit this run): a resume from ``latest`` skips it for an older one."""
 
 
 def _unwrap(chunk):
@@ -78,6 +98,44 @@ def _gather_to_all(obj: Any) -> list:
     return out
 
 
+def _agree(problem: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's problem (named by rank), or None when no rank has one, so that
+    every rank takes the same way out of a save or load that failed on some."""
+    found = [(rank, text) for rank, text in enumerate(_gather_to_all(problem)) if text]
+    if not found:
+        return None
+    rank, text = found[0]
+    return text if rank == 0 else f"(rank {rank}) {text}"
+
+
+def _cause(exc: BaseException) -> str:
+    """One line for a failed read or write: the first failing rank's innermost error, not the
+    tracebacks torch's CheckpointException embeds in its text."""
+    failures = getattr(exc, "failures", None)  # torch CheckpointException: {rank: (error, traceback)}
+    if failures:
+        rank, wrapped = sorted(failures.items())[0]
+        inner = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        return f"rank {rank}: {_cause(inner)}"
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = cli.one_line(exc)
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    seen = [exc]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        for wrapped in (getattr(e, "failures", None) or {}).values():
+            seen.append(wrapped[0] if isinstance(wrapped, tuple) else wrapped)
+        seen += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return False
+
+
 # --------------------------------------------------------------------------- paths
 
 def step_dir_name(step: int) -> str:
@@ -98,20 +156,39 @@ def resolve(root: Path, which: str = "latest") -> Optional[Path]:
         return None
     path = root / pointer.read_text().strip()
     if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist; point --resume at "
-                              f"an existing step_* directory in {root}")
+        raise CheckpointDamaged(f"{pointer} names {path.name}, which does not exist; point --resume "
+                                f"at an existing step_* directory in {root}")
     return path
+
+
+def resume_candidates(root: Path) -> tuple[list[Path], list[str]]:
+    """The checkpoints a resume from ``latest`` may load, newest first: the one ``latest`` names,
+    then the complete-looking step_* directories older than it (never a ``.tmp_step_*``, never one
+    newer than ``latest``, whose save did not finish). Also the problems already found, e.g. a
+    ``latest`` naming a directory that is gone. Empty when there is no ``latest``."""
+    root = Path(root)
+    pointer = root / LATEST_FILE
+    if not pointer.exists():
+        return [], []
+    named = pointer.read_text().strip()
+    skipped = []
+    try:
+        newest = [resolve(root)]
+    except CheckpointDamaged as exc:
+        newest, skipped = [], [f"{named or LATEST_FILE} ({exc})"]
+    older = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name < named), reverse=True)
+    return newest + older, skipped
 
 
 def read_meta(path: Path) -> dict:
     meta_file = Path(path) / META_FILE
     if not meta_file.exists() or not (Path(path) / "metadata.json").exists():
-        raise CheckpointError(f"{path} is not a complete aim-megatron checkpoint ({META_FILE} or "
-                              f"metadata.json missing); resume from an older step_* directory")
+        raise CheckpointDamaged(f"{path} is not a complete aim-megatron checkpoint ({META_FILE} or "
+                                f"metadata.json missing); resume from an older step_* directory")
     try:
         return json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not JSON, or not even text
-        raise CheckpointError(f"{meta_file} is corrupt ({exc}); resume from an older checkpoint") from exc
+        raise CheckpointDamaged(f"{meta_file} is corrupt ({exc}); resume from an older checkpoint") from exc
 
 
 def config_from_checkpoint(path: Path, overrides: Optional[list[str]] = None) -> Config:
@@ -146,42 +223,157 @@ def config_mismatches(saved: dict, cfg: Config) -> list[str]:
 
 # --------------------------------------------------------------------------- save / load
 
-def save(root: Path, step: int, cfg: Config, model: list, optimizer, scheduler,
-         trainer_state: dict, data_state: Any = None, keep_last: int = 0) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+def save_strategy(fully_parallel: bool):
+    """The sharded save strategy (torch_dist), spreading the writes of data-parallel replicas over
+    the data-parallel ranks when ``fully_parallel``. Keep one for a run: it caches the spread."""
+    strategy = get_default_save_sharded_strategy()
+    if fully_parallel and parallel_state.get_data_parallel_world_size() > 1:
+        strategy = FullyParallelSaveStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True),
+            do_cache_distribution=True)
+    return strategy
+
+
+@dataclass
+class PendingSave:
+    """A started save: ``request.async_fn`` writes this rank's files (now, or in a background
+    process), then ``request.finalize_fns``, on every rank, check that all writes succeeded and
+    publish the checkpoint (rename, ``latest``, pruning)."""
+    step: int
+    final: Path
+    request: AsyncRequest
+
+
+def _sharded_bytes(state: dict) -> float:
+    """Bytes of the tensor shards this rank holds as main replica: summed over the ranks, the
+    size of the checkpoint's tensors (each shard has exactly one main replica)."""
+    return float(sum(v.data.numel() * v.data.element_size() for v in nested_values(state)
+                     if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id)
+                     and v.data is not None))
+
+
+def _format_gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
+
+
+def _prepare_directories(root: Path, tmp: Path, needed: float) -> Optional[str]:
+    """Rank 0: the save's directory, after removing what interrupted saves left; a problem (an
+    unwritable root, too little space for ``needed`` bytes) as one line."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp_step_*"):  # left by an interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        if free < needed:
+            return (f"no space for checkpoint {tmp.name[5:]} in {root}: it needs about "
+                    f"{_format_gb(needed)}, {_format_gb(free)} free; free space or set "
+                    f"train.output_dir elsewhere (the previous checkpoint is intact)")
+        tmp.mkdir()
+    except OSError as exc:
+        return f"cannot write checkpoints to {root}: {cli.one_line(exc)}"
+    return None
+
+
+def start_save(root: Path, step: int, cfg: Config, model: list, optimizer, scheduler,
+               trainer_state: dict, data_state: Any = None, keep_last: int = 0,
+               strategy=None, validate: bool = True) -> PendingSave:
+    """Collective: every rank calls it. Snapshots the state and plans the write; the returned
+    request writes and publishes it (``execute_sync``, or megatron's AsyncCallsQueue).
+
+    ``validate`` checks that every shard is written exactly once and that the common state agrees
+    across ranks (an all-gather of every rank's shard metadata): needed on a run's first save
+    only, as the layout does not change within a run."""
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}"
     rank0 = dist.get_rank() == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp_step_*"):  # left by an interrupted save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
 
     rng_states = _gather_to_all(_rank_rng_state())
     data_states = _gather_to_all(data_state)
     state = model_sharded_state_dict(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPT_METADATA)
+    total = torch.tensor([_sharded_bytes(state)], dtype=torch.float64, device=cpu_shims.device())
+    dist.all_reduce(total)  # on the device: NCCL reduces no CPU tensors
+    # Tensors plus ~5% for common.pt (RNG, data positions, schedule) and the metadata files.
+    needed = float(total.item()) * 1.05 + 1e6
+    problem = _agree(_prepare_directories(root, tmp, needed) if rank0 else None)
+    if problem:
+        raise CheckpointError(problem)
+
     state["scheduler"] = scheduler.state_dict()
     state["trainer"] = trainer_state
     state["rng"] = rng_states
     state["data"] = data_states
-    dist_checkpointing.save(state, str(tmp))
-    dist.barrier()
+    strategy = strategy or save_strategy(cfg.train.fully_parallel_save)
+    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy,
+                                      async_sharded_save=True, validate_access_integrity=validate)
+    # megatron's own last finalize step writes metadata.json on rank 0 alone and then waits at a
+    # barrier: a failure there would leave the other ranks waiting. It is done in _publish,
+    # where a failure on rank 0 reaches every rank.
+    writes_done = [fn for fn in request.finalize_fns if fn.__name__ != "metadata_finalize_fn"]
+    meta = {"format": FORMAT_VERSION, "step": step, "config": cfg.to_dict(), "layout": _layout()}
+    publish = _publisher(root, tmp, final, meta, keep_last, needed, writes_done,
+                         CheckpointingConfig(strategy.backend, strategy.version))
+    request = request._replace(finalize_fns=[publish])
+    return PendingSave(step, final, request)
 
-    if rank0:
-        meta = {"format": FORMAT_VERSION, "step": step, "config": cfg.to_dict(), "layout": _layout()}
-        _write_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
-        if final.exists():  # a re-save of the same step (e.g. preemption right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST_FILE, final.name)
-        if keep_last > 0:
+
+def _publisher(root: Path, tmp: Path, final: Path, meta: dict, keep_last: int, needed: float,
+               writes_done: list[Callable], config: CheckpointingConfig) -> Callable[[], None]:
+    def publish() -> None:
+        """Collective, after every rank's writer has ended: all writes succeeded (torch's
+        finalize, which raises on every rank if any failed), then rank 0 renames and moves
+        ``latest``. A failure anywhere leaves the previous checkpoint and ``latest`` as they were,
+        removes the partial directory, and raises the same CheckpointError on every rank."""
+        rank0 = dist.get_rank() == 0
+        problem = None
+        try:
+            for fn in writes_done:
+                fn()
+        except (Exception, TorchCheckpointException) as exc:
+            problem = _write_problem(root, final, needed, exc)
+        if problem is None and rank0:
+            try:
+                save_config(config, str(tmp))
+                _write_atomic(tmp / META_FILE, json.dumps(meta, indent=2))
+                if final.exists():  # a re-save of the same step (e.g. preemption right after a save)
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _write_atomic(root / LATEST_FILE, final.name)
+            except OSError as exc:
+                problem = _write_problem(root, final, needed, exc)
+        problem = _agree(problem)
+        if problem:
+            if rank0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(problem)
+        if rank0 and keep_last > 0:
             _prune(root, keep_last, keep=final.name)
-    dist.barrier()
-    return final
+    return publish
+
+
+def _write_problem(root: Path, final: Path, needed: float, exc: BaseException) -> str:
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = needed
+    # torch.save's zip writer reports a full disk as "unexpected pos", without the errno.
+    if _is_disk_full(exc) or free < needed:
+        return (f"disk full while writing checkpoint {final.name} to {root}: it needs about "
+                f"{_format_gb(needed)}, {_format_gb(free)} free now; free space or set "
+                f"train.output_dir elsewhere (the previous checkpoint is intact)")
+    return (f"could not write checkpoint {final.name} to {root}: {_cause(exc)} "
+            f"(the previous checkpoint is intact)")
+
+
+def save(root: Path, step: int, cfg: Config, model: list, optimizer, scheduler,
+         trainer_state: dict, data_state: Any = None, keep_last: int = 0) -> Path:
+    """Collective: every rank calls it. Writes and publishes before returning; returns the final
+    checkpoint directory."""
+    pending = start_save(root, step, cfg, model, optimizer, scheduler, trainer_state, data_state,
+                         keep_last)
+    pending.request.execute_sync()
+    return pending.final
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -200,9 +392,39 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def load_newest_readable(root: Path, cfg: Config, model: list, optimizer=None, scheduler=None
+                         ) -> Optional[tuple[Path, dict]]:
+    """Collective. Loads the checkpoint ``latest`` names or, when it is damaged (files missing,
+    truncated, unreadable), the newest older one every rank can read, with a warning naming what
+    was skipped. All ranks agree on each attempt, so all load the same checkpoint. Returns (path,
+    what ``load`` returns), None when there is no ``latest``; raises CheckpointError (one line)
+    when no checkpoint is readable. A checkpoint that reads but does not fit this run is an error,
+    not skipped: an older one would not fit either."""
+    root = Path(root)
+    candidates, skipped = resume_candidates(root)
+    for path in candidates:
+        problem = None
+        try:
+            restored = load(path, cfg, model, optimizer, scheduler)
+        except CheckpointDamaged as exc:
+            problem = cli.one_line(exc)
+        problem = _agree(problem)
+        if problem is None:
+            if skipped and dist.get_rank() == 0:
+                log.warning("resuming from %s: skipped the newer damaged checkpoint(s) %s",
+                            path, "; ".join(skipped))
+            return path, restored
+        skipped.append(f"{path.name} ({problem})")
+    if skipped:
+        raise CheckpointError(f"no readable checkpoint in {root}: {'; '.join(skipped)}. Restore one, "
+                              f"or start afresh with --resume none or a new train.output_dir")
+    return None
+
+
 def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -> dict:
     """Collective. Loads model (+ optimizer, scheduler) in the current layout and restores RNG
-    states when the layout is unchanged. Returns {"trainer", "data", "meta"}."""
+    states when the layout is unchanged. Returns {"trainer", "data", "meta"}. Raises
+    CheckpointDamaged for unreadable files, CheckpointError for a checkpoint that does not fit."""
     path = Path(path)
     meta = read_meta(path)
     problems = config_mismatches(meta.get("config", {}), cfg)
@@ -220,14 +442,16 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     state = model_sharded_state_dict(model)
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPT_METADATA)
+    pickled_files.check(path, CheckpointDamaged)  # megatron-core unpickles .metadata with plain pickle
     try:
         # RETURN_UNEXPECTED: entries this model asks for that the checkpoint lacks come back
         # (and are left out of the read) instead of failing deep inside the reader.
-        pickled_files.check(path, CheckpointError)  # megatron-core unpickles .metadata with plain pickle
+        # Not megatron's fully parallel load: its exchange of the read parts hung on gloo when
+        # resuming the distributed optimizer (one rank in a broadcast, its peer past the load).
         loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     except (Exception, TorchCheckpointException) as exc:  # damaged files raise many kinds
-        raise CheckpointError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}. "
-                              f"It may be damaged; resume from an older step_* directory") from exc
+        raise CheckpointDamaged(f"could not read checkpoint {path}: {_cause(exc)}. It may be "
+                                f"damaged; resume from an older step_* directory") from exc
     # Transformer Engine's FP8 metadata (`_extra_state`) is optional: a checkpoint written with the
     # local spec (CPU, conversion tools) loads into the TE spec, whose FP8 scales then start fresh.
     absent = sorted(k for k in absent if not _optional_on_load(k))

@@ -3,6 +3,8 @@
 - ``flops``: training FLOPs per image and device peak throughput (MFU).
 - ``sizing``: parameter counts, memory estimates and the layout planner for a GPU count.
 - ``estimate_memory``: the ``aim-estimate-memory`` command (per-GPU memory of a layout).
+- ``checkpoint_interval``: the failure rate (per-GPU MTBF, Llama 3's by default) and the
+  Young/Daly checkpoint interval that minimises lost time.
 - ``slurm_layout``: the ``aim-layout`` command (dry-run of a Slurm allocation's layout).
 - ``plan``: a sweep grid spec resolved into one trainer config per run, and the manifest.
 - ``launch``: running a sweep's incomplete runs locally, or a Slurm job array for them.

@@ -8,6 +8,9 @@
 Checks config.validate() for the world size nodes x gpus-per-node, that TP groups stay inside a
 node, and megatron-core's interleaved-schedule rule; exits 2 with a message naming the fix when
 the layout does not divide. --recommend prints the layout tools/estimate_memory.py --table picks.
+Also prints how often a job of this size fails and the checkpoint interval that minimises the time
+lost (scaling/checkpoint_interval.py), for a step time given by --step-seconds (else estimated
+from --tflops-per-gpu at 45% MFU).
 """
 from __future__ import annotations
 
@@ -16,9 +19,23 @@ import json
 import sys
 
 from aim_megatron.config import ConfigError, num_microbatches, trunk_layers_per_stage
-from aim_megatron.scaling import sizing
+from aim_megatron.scaling import checkpoint_interval, sizing
+from aim_megatron.scaling.flops import train_flops_per_image
 from aim_megatron.scaling.estimate_memory import add_layout_flags, layout_overrides
 from aim_megatron.scaling.sizing import GIB
+
+
+# For the step time when --step-seconds is not given: an H100's dense bf16 peak at the 45% MFU goal.
+DEFAULT_TFLOPS_PER_GPU = 989.0
+DEFAULT_MFU = 0.45
+
+
+def checkpoint_plan(cfg, world: int, step_s: float | None = None,
+                    tflops_per_gpu: float = DEFAULT_TFLOPS_PER_GPU) -> checkpoint_interval.IntervalPlan:
+    if step_s is None:
+        step_flops = train_flops_per_image(cfg.model) * cfg.train.global_batch_size
+        step_s = step_flops / (world * tflops_per_gpu * 1e12 * DEFAULT_MFU)
+    return checkpoint_interval.plan_interval(cfg, world, step_s)
 
 
 def resolve_layout(cfg, nodes: int, gpus_per_node: int) -> tuple[dict, list[str]]:
@@ -78,6 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the layout as JSON")
     ap.add_argument("--recommend", action="store_true",
                     help="print the recommended layout for this many GPUs instead")
+    ap.add_argument("--step-seconds", type=float, default=None,
+                    help="measured seconds per step, for the checkpoint interval (default: estimated)")
+    ap.add_argument("--tflops-per-gpu", type=float, default=DEFAULT_TFLOPS_PER_GPU,
+                    help=f"peak TFLOP/s per GPU for the estimated step time (default "
+                         f"{DEFAULT_TFLOPS_PER_GPU:g}, H100 bf16; {DEFAULT_MFU:.0%} of it assumed)")
     args = ap.parse_args(argv)
     cfg = None
     try:
@@ -97,6 +119,9 @@ def main(argv=None) -> int:
                 print(f"note: {c.note}")
             return 0
         layout, warnings = resolve_layout(cfg, args.nodes, args.gpus_per_node)
+        if args.step_seconds is not None and args.step_seconds <= 0:
+            raise ConfigError(f"--step-seconds={args.step_seconds}: must be > 0")
+        plan = checkpoint_plan(cfg, world, args.step_seconds, args.tflops_per_gpu)
     except ConfigError as exc:
         msg = f"error: layout does not work for {args.nodes} node(s) x {args.gpus_per_node} GPUs: {exc}"
         fix = sizing.micro_batch_fix(cfg, args.nodes * args.gpus_per_node) if cfg else None
@@ -104,10 +129,16 @@ def main(argv=None) -> int:
             msg += f"; for this global batch the largest micro-batch that divides is {fix}"
         print(msg, file=sys.stderr)
         return 2
+    failures = {"job_mtbf_hours": plan.mtbf_s / 3600, "save_stall_s": plan.stall_s,
+                "step_seconds": plan.step_s, "optimal_save_interval_s": plan.optimal_s,
+                "optimal_save_interval_steps": plan.optimal_steps,
+                "expected_lost_per_failure_s": plan.lost_per_failure_s if plan.interval_steps else None}
     if args.json:
-        print(json.dumps({**layout, "warnings": warnings}, indent=1))
+        print(json.dumps({**layout, "checkpoints": failures, "warnings": warnings}, indent=1))
     else:
         print_layout(layout, warnings)
+        for line in checkpoint_interval.describe(plan, world, cfg.train.gpu_mtbf_hours):
+            print(f"  {line}")
     return 0
 
 

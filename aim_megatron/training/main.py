@@ -24,8 +24,10 @@ from aim_megatron.config import ConfigError, load_config, resolve_params_dtype
 from aim_megatron.distributed import parallel
 from aim_megatron.training.batches import DataError
 from aim_megatron.training.exit_codes import EXIT_DIVERGED, EXIT_ERROR
-from aim_megatron.training.preemption import die_with_torchrun, install_signal_handlers
-from aim_megatron.training.startup import preflight, startup_summary
+from aim_megatron.training.preemption import die_with_launcher, install_signal_handlers
+from aim_megatron.training.run_lock import RunLockError, hold_run_directory
+from aim_megatron.training.startup import (checkpoint_plan, measured_matmul_flops, preflight,
+                                           settle_save_interval, startup_summary)
 from aim_megatron.training.trainer import Trainer, TrainingDiverged
 
 log = logging.getLogger("aim_megatron.train")
@@ -42,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     previous_handlers = install_signal_handlers()  # first: a signal at start-up is not lost
-    die_with_torchrun()
+    die_with_launcher()
     try:
         return _main(argv)
     finally:
@@ -73,14 +75,22 @@ def _main(argv=None) -> int:
         return fail("configuration error: ", exc)
     except data.DataSourceError as exc:
         return fail("data error: ", exc)
-    trainer = None
+    trainer = writer_lock = None
     try:
+        # Before anything is written into train.output_dir: one writer per run directory.
+        writer_lock = hold_run_directory(cfg.train.output_dir, cfg.train.lock_timeout_s)
+        plan = None
         if dist.get_rank() == 0:  # say what is about to run before the (maybe long) build
-            lines, warning = startup_summary(cfg, world)
+            matmul = measured_matmul_flops(params_dtype=cfg.train.params_dtype)
+            lines, warning = startup_summary(cfg, world, matmul)
             for line in lines:
                 log.info(line)
             if warning:
                 log.warning(warning)
+            plan = checkpoint_plan(cfg, world, matmul[0])
+        settle_save_interval(cfg, world, plan)
+        if dist.get_rank() == 0 and plan is not None and cfg.train.save_interval == plan.optimal_steps:
+            log.info("train.save_interval: every %d steps", cfg.train.save_interval)
         trainer = Trainer(cfg, world)
         trainer.resume(args.resume)
         return trainer.run()
@@ -91,9 +101,13 @@ def _main(argv=None) -> int:
     except TrainingDiverged as exc:
         print(f"aim-pretrain: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
+    except RunLockError as exc:
+        return fail("", exc)
     finally:
         if trainer is not None:
             trainer.close()
+        if writer_lock is not None:
+            writer_lock.release()
         parallel.shutdown()
 
 

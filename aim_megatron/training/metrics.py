@@ -17,8 +17,11 @@ import yaml
 
 from aim_megatron.config import Config
 from aim_megatron.scaling.flops import device_peak_tflops, train_flops_per_image
+from aim_megatron.models.attention import kernel_self_checks
 
 log = logging.getLogger("aim_megatron.train")
+
+STALLS_FILE = "checkpoint_stalls.jsonl"   # per save: how long training waited for it
 
 
 def _rss_gb() -> float:
@@ -105,6 +108,8 @@ class MetricsLogger:
             "tflops_per_device": tflops,
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "skipped_steps": skipped_steps,
+            # fused prefix-causal kernels that failed their first-call self-check and run masked
+            "attention_kernel_fallbacks": sum(not c["passed"] for c in kernel_self_checks()),
             "memory_gb": (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
                           else _rss_gb()),
         }
@@ -118,6 +123,18 @@ class MetricsLogger:
         if self.is_logger and val_loss is not None:
             self._write({"step": step, "val_loss": val_loss})
             log.info("step %d validation loss %.4f", step, val_loss)
+
+    def log_checkpoint(self, step: int, stall_s: float, background: bool) -> None:
+        """How long training waited for a save (all of the write, or only the snapshot and the
+        previous background save's end), in checkpoint_stalls.jsonl: read back at start-up for
+        the checkpoint interval."""
+        if self.is_logger:
+            # A file of its own: metrics.jsonl's readers (plots, sweeps) take any record without
+            # an "event" key for a training step.
+            with open(self.out_dir / STALLS_FILE, "a") as f:
+                f.write(json.dumps({"step": step, "stall_s": stall_s, "background": background}) + "\n")
+            log.info("checkpoint of step %d %s: training stalled %.2f s", step,
+                     "writing in the background" if background else "written", stall_s)
 
     def log_complete(self, step: int, skipped_steps: int) -> None:
         """The last record of a finished run (after its final evaluation and checkpoint), so sweeps

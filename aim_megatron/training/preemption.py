@@ -58,14 +58,17 @@ def ignore_stop_signals() -> None:
     die_with_parent()  # ...and die with the trainer: nothing left behind
 
 
-def die_with_torchrun() -> None:
-    """torchrun starts each worker in a session of its own, so a kill -9 of torchrun's process
-    group (by a user, or a scheduler without cgroups) left the workers training on, orphaned.
-    Tie every worker's life to its torchrun; a worker whose torchrun is already gone exits."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+def die_with_launcher() -> None:
+    """A worker dies with the process that launched it: torchrun, or the slurmstepd of an srun task.
+    torchrun starts each worker in a session of its own, so a kill -9 of torchrun's process group
+    (by a user, or a scheduler without cgroups) left the workers training on, orphaned; an srun
+    task whose slurmstepd is gone (a node lost, a step killed) is no longer tracked by Slurm and
+    kept its rendezvous port bound into the next job with the same port. A worker whose launcher
+    is already gone exits."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "SLURM_STEP_ID" not in os.environ:
         return
     die_with_parent()
-    if os.getppid() == 1:  # torchrun died before the prctl above took effect
+    if os.getppid() == 1:  # the launcher died before the prctl above took effect
         os._exit(EXIT_ERROR)
 
 

@@ -17,6 +17,7 @@ from aim_megatron.checkpoint import checkpointer as checkpoint
 from aim_megatron.config import Config
 from aim_megatron.distributed import parallel
 from aim_megatron.training.batches import BatchFeed, agree_on_error
+from aim_megatron.training.checkpointing import CheckpointSaver
 from aim_megatron.training.exit_codes import EXIT_OK
 from aim_megatron.training.metrics import MetricsLogger
 from aim_megatron.training.optim import build_scheduler, guarded_optimizer_step
@@ -45,29 +46,33 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.bad_in_row = 0
-        self._saved_step = None  # step of the checkpoint on disk, if this process saved/loaded it
         self.is_logger = dist.get_rank() == 0
         self.metrics = MetricsLogger(cfg, world, self.is_logger)
+        self.saver = CheckpointSaver(cfg, self.ckpt_root, self.metrics)
         self.stop = StopRequests(self.out_dir, self.is_logger)
         self.watchdog: Optional[HangWatchdog] = None
 
-    def save(self) -> Path:
+    def save(self, background: bool = False) -> None:
+        """Checkpoint this step: complete on return, or with ``background`` (the loop's interval
+        saves) written while training goes on when train.async_save is on."""
         parallel.finish_param_sync(self.cfg, self.model)
         state = {"step": self.step, "skipped_steps": self.skipped_steps}
         data_state = self.train_loader.state_dict() if self.train_loader is not None else None
-        path = checkpoint.save(self.ckpt_root, self.step, self.cfg, self.model, self.optimizer,
-                               self.scheduler, state, data_state, keep_last=self.cfg.train.keep_last)
-        self._saved_step = self.step
-        self.metrics.line(f"saved checkpoint {path}")
-        return path
+        self.saver.save(self.step, self.model, self.optimizer, self.scheduler, state, data_state,
+                        wait=not background)
 
     def resume(self, which: str = "auto") -> bool:
         if which == "none":
             return False
-        path = checkpoint.resolve(self.ckpt_root, "latest" if which == "auto" else which)
-        if path is None:
-            return False
-        restored = checkpoint.load(path, self.cfg, self.model, self.optimizer, self.scheduler)
+        if which == "auto":  # a damaged newest checkpoint falls back to an older one
+            found = checkpoint.load_newest_readable(self.ckpt_root, self.cfg, self.model,
+                                                    self.optimizer, self.scheduler)
+            if found is None:
+                return False
+            path, restored = found
+        else:
+            path = checkpoint.resolve(self.ckpt_root, which)
+            restored = checkpoint.load(path, self.cfg, self.model, self.optimizer, self.scheduler)
         self.step = restored["trainer"]["step"]
         self.skipped_steps = restored["trainer"]["skipped_steps"]
         problem = None
@@ -80,7 +85,7 @@ class Trainer:
             except ValueError as exc:
                 problem = f"{path}: {cli.one_line(exc)}"
         agree_on_error(problem, checkpoint.CheckpointError)
-        self._saved_step = self.step
+        self.saver.last_step = self.step
         self.metrics.line(f"resumed from {path} at step {self.step}")
         return True
 
@@ -98,6 +103,7 @@ class Trainer:
             self.metrics.line(f"step {self.step + 1}: non-finite loss {loss} or grad norm {grad_norm}; "
                               f"step skipped ({self.bad_in_row} in a row)", level=logging.WARNING)
             if self.bad_in_row >= self.cfg.train.max_bad_steps:
+                self.saver.finish()  # the last good checkpoint, if still being written, is kept
                 raise TrainingDiverged(
                     f"{self.bad_in_row} consecutive steps with non-finite loss/gradients at step "
                     f"{self.step + 1}; stopping without saving. Resume from the last good checkpoint "
@@ -141,6 +147,7 @@ class Trainer:
         first_step = self.step
         while self.step < t.train_iters:
             result = self.train_step()
+            self.saver.poll()
             if self.watchdog is not None:
                 self.watchdog.beat(self.step)
             self.metrics.step_done(self.step, result, self.skipped_steps)
@@ -154,7 +161,7 @@ class Trainer:
                 self.save()
                 return EXIT_OK
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.train_iters:
-                self.save()
+                self.save(background=True)
         self.metrics.end_steps()
         self.metrics.log_eval(self.step, self.evaluate())
         self.save()
@@ -162,9 +169,12 @@ class Trainer:
         return EXIT_OK
 
     def _checkpoint_for_requeue(self) -> int:
-        return self.stop.checkpoint_for_requeue(self.step, self._saved_step, self.save)
+        self.saver.finish()  # a background save in flight completes before the exit
+        return self.stop.checkpoint_for_requeue(self.step, self.saver.last_step,
+                                                self.save)
 
     def close(self) -> None:
+        self.saver.abort()  # left only on an error: every normal way out finishes its save
         if self.watchdog is not None:
             self.watchdog.stop()
         if self.train_loader is not None and hasattr(self.train_loader, "close"):
