@@ -30,6 +30,17 @@ def run_distributed(script: str, nproc: int, args: list[str], timeout: int = 300
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
 
 
+def one_line(rc, err: str, *needles: str) -> str:
+    """The single error line of a failed command; checks exit code 1 and no traceback."""
+    assert rc == 1, f"exit code {rc}, wanted 1:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"wanted one line, got:\n{err}"
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in: {lines[0]}"
+    return lines[0]
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one intra-op thread is faster, and spinning threads starve shared cores."""

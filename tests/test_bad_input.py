@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, one_line
 
 from aim_megatron import config as C
 
@@ -37,17 +37,6 @@ def call(main, argv) -> int:
         return main([str(a) for a in argv])
     except SystemExit as exc:  # argparse errors
         return exc.code
-
-
-def one_line(rc, err: str, *needles: str) -> str:
-    """The single error line of a failed command; checks exit code 1 and no traceback."""
-    assert rc == 1, f"exit code {rc}, wanted 1:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"wanted one line, got:\n{err}"
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in: {lines[0]}"
-    return lines[0]
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from aim_megatron.evaluation import labelled_data
 from aim_megatron.evaluation import probe as P
 from aim_megatron.scaling import cli as sweep_cli
 from aim_megatron.scaling import collect
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, one_line
 from test_convert import official_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,14 +51,6 @@ def marker(tmp_path):
     assert not path.exists(), "the payload ran"
 
 
-def one_line(rc, err: str, *needles: str) -> str:
-    assert rc == 1, f"exit code {rc}, wanted 1:\n{err}"
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"wanted one line, got:\n{err}"
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in: {lines[0]}"
-    return lines[0]
 
 
 def poison_metadata(step_dir: Path, marker: Path) -> None:
