@@ -115,6 +115,22 @@ def test_a_hang_requeues_and_counts():
     assert len(history) == 1
 
 
+def test_time_to_resume_spans_a_stop_before_the_first_step():
+    """A hang requeues; the requeued run is stopped by a signal before its first step and requeued
+    again (uncounted); the next run's first step ends the hang's time to resume too."""
+    history = []
+    restarts.decide(situation(exit_code=3, marker={"step": 6, "signal": "hang", "stuck_ranks": [1]}), history)
+    hang_failed = history[0]["failed_at"]
+    restarts.begin(situation(incarnation=1, exit_code=None), history)
+    restarts.decide(situation(incarnation=1, exit_code=3, marker={"step": 5, "signal": 0}), history)
+    restarts.begin(situation(incarnation=2, exit_code=None), history)
+    d = restarts.decide(situation(incarnation=2, exit_code=0,
+                                  first_step={"time": history[-1]["time"] + 5.0, "step": 6}), history)
+    assert d.word == "done"
+    hang = next(e for e in history if e["counted"])
+    assert hang["resumed_after_s"] == round(history[-1]["time"] + 5.0 - hang_failed, 1) > 0
+
+
 def test_a_requeue_by_slurm_that_no_decision_asked_for_counts_as_a_failure():
     history = []
     d = restarts.begin(situation(incarnation=1, exit_code=None, nodes_lost="n3"), history)
@@ -124,6 +140,24 @@ def test_a_requeue_by_slurm_that_no_decision_asked_for_counts_as_a_failure():
     # over the budget: the start stops
     assert restarts.begin(situation(incarnation=2, exit_code=None, max_restarts=1), history).word == "stop"
     assert restarts.begin(situation(incarnation=0, exit_code=None), []).word == "go"
+
+
+def test_a_relaunch_overtaken_by_slurms_requeue_is_one_failure():
+    """A node lost: its peers crash first, the batch script decides to relaunch, then NODE_FAIL
+    requeues the job before the relaunch resumes (seen on the local cluster): counted once."""
+    history = []
+    assert restarts.decide(situation(nodes_lost="n2"), history).word == "relaunch"
+    d = restarts.begin(situation(incarnation=1, exit_code=None, nodes_lost="n2"), history)
+    assert d.word == "go" and "requeued by Slurm without a decision of its own" in d.message
+    counted = [e for e in history if e["counted"]]
+    assert len(counted) == 1 and counted[0]["kind"] == "requeue by Slurm", history
+    assert history[0]["superseded_by"] == "requeue by Slurm" and "restart 1/5" in d.message
+    # a relaunch that did resume is a failure of its own: a later requeue counts again
+    history = []
+    restarts.decide(situation(nodes_lost="n2"), history)
+    history[-1]["resumed_after_s"] = 30.0
+    restarts.begin(situation(incarnation=1, exit_code=None), history)
+    assert sum(e["counted"] for e in history) == 2
 
 
 def test_a_lost_node_relaunches_on_the_nodes_left_only_where_the_layout_divides():

@@ -252,12 +252,24 @@ def test_job_restarts_by_itself_and_ends_with_the_uninterrupted_losses(campaign,
         assert all(abs(got[s] - ref[s]) <= 1e-4 * abs(ref[s]) for s in ref), (name, got, ref)
     if name in NO_KILL:   # the job went on with the node left, not the lost one
         assert "the job now runs on 1 node(s)" in text, text[-3000:]
-    # One writer per run directory: a requeued incarnation (its predecessor died holding the lock)
-    # takes over its own Slurm job's lock at once, and the finished job leaves no lock behind.
-    if c["restarts"][name] > 0:
-        assert re.search(r"took over the writer lock of \S+ from .*: it belongs to this Slurm job "
-                         rf"\({c['jobs'][name]}\), restarted", text), text[-3000:]
+    # One writer per run directory: a restarted incarnation is never refused by its own job's lock
+    # (a predecessor that died holding it is taken over at once), and the finished job leaves none.
+    assert "is in use by another writer" not in text, text[-3000:]
+    for took in re.findall(r"took over the writer lock of \S+ from (.*)", text):
+        assert f"it belongs to this Slurm job ({c['jobs'][name]}), restarted" in took, took
     assert not (c["outs"][name] / ".writer.lock").exists(), name
     print(f"{name}: {event['decision']} after {event['kind']} at step {event['last_step']}, resumed "
           f"from {event['resume_step']}: {event['lost_steps']} step(s) lost, "
           f"{event['resumed_after_s']} s to resume, Slurm restarts {c['restarts'][name]}")
+
+
+def test_a_requeued_job_takes_over_its_own_writer_lock(campaign):
+    """Where the failed incarnation died holding the run directory's lock (the hang: its ranks exit
+    from the watchdog; a lost node that held rank 0), the requeued one, on whatever node, takes it
+    over at once because it is the same Slurm job; at least one requeued job of the campaign does."""
+    c = campaign
+    requeued = [name for name in SCENARIOS if c["restarts"][name] > 0]
+    took_own = [name for name in requeued
+                if re.search(r"took over the writer lock of \S+ from .*: it belongs to this Slurm job "
+                             rf"\({c['jobs'][name]}\), restarted", _log(c, name))]
+    assert requeued and took_own, (requeued, took_own)

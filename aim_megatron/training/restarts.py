@@ -190,9 +190,12 @@ def _fill_time_to_resume(history: list[dict], first_step: Optional[dict]) -> Non
     the first step the restarted trainer logged."""
     if not history or not first_step:
         return
-    last = history[-1]
-    if last.get("resumed_after_s") is None and first_step.get("time", 0) > last["time"]:
-        last["resumed_after_s"] = round(first_step["time"] - last["failed_at"], 1)
+    # Every restart since the last one that resumed: a hang's requeued run can itself be stopped
+    # (and requeued, uncounted) before its first step; the hang resumed at this first step too.
+    for event in reversed(history):
+        if event.get("resumed_after_s") is not None or first_step.get("time", 0) <= event["time"]:
+            break
+        event["resumed_after_s"] = round(first_step["time"] - event["failed_at"], 1)
 
 
 def _failures_in_a_row_at(history: list[dict], job: str, step: int) -> int:
@@ -281,6 +284,13 @@ def begin(s: Situation, history: list[dict]) -> Decision:
     if s.incarnation == 0 or expected or any(e["incarnation"] >= s.incarnation for e in mine):
         return Decision("go", f"aim restarts: start {s.incarnation} of job {s.job}, resuming "
                               f"from step {s.resume_step}")
+    if mine and mine[-1]["counted"] and mine[-1]["decision"] == "relaunch" \
+            and mine[-1]["resumed_after_s"] is None:
+        # A node failed: the batch script decided to relaunch (its peers' crash came first), then
+        # Slurm's NODE_FAIL requeued the job before the relaunch got going. One failure: counted
+        # once, as the requeue that happened.
+        mine[-1]["counted"] = False
+        mine[-1]["superseded_by"] = "requeue by Slurm"
     cause = (f"job requeued by Slurm without a decision of its own (restart {s.incarnation}): "
              f"a node of the job failed (NODE_FAIL) or an administrator requeued it"
              + (f"; node(s) of its last start down now: {s.nodes_lost}" if s.nodes_lost else ""))
