@@ -31,9 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from aim_megatron.config import Config, ModelConfig
-# Sources live in their own module; their names stay importable from here.
-from aim_megatron.data.sources import (DataSourceError, Source, check_source_paths,  # noqa: F401
-                                       resolve_source)
+from aim_megatron.data.sources import DataSourceError, Source, resolve_source
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ import torch
 from PIL import Image, ImageEnhance
 
 from aim_megatron.config import Config
-from aim_megatron.data.base import (Chunk, ImageLoader, Source, SourceStream, derive_seed, eval_resize_size,
+from aim_megatron.data.base import (Chunk, ImageLoader, SourceStream, derive_seed, eval_resize_size,
                                shard_bounds)
+from aim_megatron.data.sources import Source
 from aim_megatron.data.shards import IMAGE_EXTENSIONS, parse_label
 from aim_megatron.data.sources import open_shard, rank_shards
 
