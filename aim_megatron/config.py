@@ -178,6 +178,9 @@ class TrainConfig:
     async_save: bool = True
     # Spread the writes of data-parallel replicas over the data-parallel ranks.
     fully_parallel_save: bool = True
+    # Spread the reads of data-parallel replicas over the data-parallel ranks on resume; each
+    # rank reads its part and the parts are exchanged (megatron-core's fully parallel load).
+    fully_parallel_load: bool = True
     # Mean time between unexpected interruptions of one GPU, hours, for save_interval=auto and
     # the start-up summary; the default is Llama 3's (419 in 54 days on 16,384 GPUs).
     gpu_mtbf_hours: float = 54 * 24 * 16384 / 419

@@ -170,6 +170,7 @@ NO_RANGE = {
     "train.tensorboard": "a bool: true and false are both valid",
     "train.async_save": "a bool: true and false are both valid",
     "train.fully_parallel_save": "a bool: true and false are both valid",
+    "train.fully_parallel_load": "a bool: true and false are both valid",
     "data.hflip": "a bool: true and false are both valid",
     "data.color_jitter": "a bool: true and false are both valid",
     "data.shuffle": "a bool: true and false are both valid",

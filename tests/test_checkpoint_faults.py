@@ -167,11 +167,15 @@ def truncate_one_shard(step_dir: Path) -> str:
 
 
 def test_damaged_newest_checkpoint_falls_back_on_every_rank(tmp_path):
+    # The distributed optimizer and the fully parallel load: each rank reads only part of the
+    # files, so a damaged file is met by one rank; both must still fall back together.
+    distopt = "parallel.use_distributed_optimizer=true"
     pretrain(tmp_path, ["train.train_iters=4", "train.save_interval=2", "train.keep_last=0",
-                        "train.eval_interval=0"], nproc=2)
+                        "train.eval_interval=0", distopt], nproc=2)
     ckpts = tmp_path / "checkpoints"
     truncate_one_shard(ckpts / "step_00000004")
-    resumed = pretrain(tmp_path, ["train.train_iters=6", "train.eval_interval=0"], nproc=2)
+    resumed = pretrain(tmp_path, ["train.train_iters=6", "train.eval_interval=0", distopt], nproc=2)
+    assert "fully parallel load of step_00000004" in resumed.stderr
     warning = [line for line in resumed.stderr.splitlines() if "skipped the newer damaged" in line]
     assert len(warning) == 1 and "step_00000004" in warning[0], resumed.stderr[-4000:]
     assert "resumed from" in resumed.stderr and "step_00000002 at step 2" in resumed.stderr
@@ -181,7 +185,7 @@ def test_damaged_newest_checkpoint_falls_back_on_every_rank(tmp_path):
     for step in ("step_00000002", "step_00000006"):
         truncate_one_shard(ckpts / step)
     (ckpts / "step_00000004").rename(ckpts / "gone")
-    failed = pretrain(tmp_path, ["train.train_iters=8"], nproc=2, expect=1)
+    failed = pretrain(tmp_path, ["train.train_iters=8", distopt], nproc=2, expect=1)
     errors = [line for line in failed.stderr.splitlines() if line.startswith("aim-pretrain:")]
     assert len(errors) == 1, failed.stderr[-4000:]
     assert "no readable checkpoint" in errors[0] and "step_00000006" in errors[0] \

@@ -83,8 +83,10 @@ def test_resume_is_bit_exact(tmp_path, nproc, layout):
     pretrain(full, run, nproc)
     pretrain(split, run + ["train.exit_after_steps=4"], nproc)
     assert max(losses(split)) == 4 and events(split) == []   # stopped early: not complete
-    pretrain(split, run, nproc)
+    proc = pretrain(split, run, nproc)
     assert events(split) == [(8, "complete")]
+    # DP=2 resumes through megatron-core's fully parallel load (train.fully_parallel_load).
+    assert ("fully parallel load of step_00000004" in proc.stderr + proc.stdout) == (nproc > 1)
     a, b = losses(full), losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}

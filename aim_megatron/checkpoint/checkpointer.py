@@ -32,9 +32,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
-from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.serialization import (get_default_load_sharded_strategy,
+                                                            get_default_save_sharded_strategy)
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
-from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
+                                                                       FullyParallelSaveStrategyWrapper)
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel import random as mcore_random
 # torch's checkpoint errors derive from BaseException, not Exception.
@@ -232,6 +234,18 @@ def save_strategy(fully_parallel: bool):
             strategy, parallel_state.get_data_parallel_group(with_context_parallel=True),
             do_cache_distribution=True)
     return strategy
+
+
+def load_strategy(path: Path, fully_parallel: bool):
+    """The sharded load strategy for ``path``: None (megatron-core's default: every rank reads all
+    it needs), or, when ``fully_parallel`` and there are data-parallel replicas, the default
+    wrapped so that each replica is read once in the data-parallel group and exchanged."""
+    if not (fully_parallel and parallel_state.model_parallel_is_initialized()
+            and parallel_state.get_data_parallel_world_size() > 1):
+        return None
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(str(path)),
+        parallel_state.get_data_parallel_group(with_context_parallel=True))
 
 
 @dataclass
@@ -446,9 +460,12 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     try:
         # RETURN_UNEXPECTED: entries this model asks for that the checkpoint lacks come back
         # (and are left out of the read) instead of failing deep inside the reader.
-        # Not megatron's fully parallel load: its exchange of the read parts hung on gloo when
-        # resuming the distributed optimizer (one rank in a broadcast, its peer past the load).
-        loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+        strategy = load_strategy(path, cfg.train.fully_parallel_load)
+        if strategy is not None and dist.get_rank() == 0:
+            log.info("fully parallel load of %s: each replicated tensor is read by one of the %d "
+                     "data-parallel ranks and exchanged", path.name, parallel_state.get_data_parallel_world_size())
+        loaded, _, absent = dist_checkpointing.load(state, str(path), sharded_strategy=strategy,
+                                                    strict=StrictHandling.RETURN_UNEXPECTED)
     except (Exception, TorchCheckpointException) as exc:  # damaged files raise many kinds
         raise CheckpointDamaged(f"could not read checkpoint {path}: {_cause(exc)}. It may be "
                                 f"damaged; resume from an older step_* directory") from exc

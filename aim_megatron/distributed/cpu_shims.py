@@ -56,7 +56,8 @@ _PATCHED_MODULES = (
     "megatron.core.dist_checkpointing.validation",
 )
 
-_FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange", "randn", "rand", "as_tensor")
+_FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange", "randn", "rand", "as_tensor",
+              "empty_like", "zeros_like", "ones_like", "full_like")
 
 
 def device() -> torch.device:
@@ -184,6 +185,13 @@ def install() -> bool:
     # The RNG tracker forks the "CUDA" generator; on CPU that is the CPU generator.
     mcore_random._get_cuda_rng_state = _cpu_rng_get
     mcore_random._set_cuda_rng_state = _cpu_rng_set
+
+    # The fully parallel load's exchange allocates receive buffers with `init_data("cuda")`,
+    # whose default factory is the real torch.empty bound at import time.
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    init_data = ShardedTensor.init_data
+    ShardedTensor.init_data = lambda self, device, *args, **kwargs: init_data(
+        self, _to_cpu_device(device), *args, **kwargs)
 
     # Process-wide, CPU-only: `.cuda()` stays on the CPU and `.type()` reports CUDA names.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
