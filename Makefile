@@ -8,7 +8,7 @@ setup:
 
 # The whole test suite on CPU (gloo), incl. a real local Slurm cluster: ~20-25 minutes on 2 cores.
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 # Pre-train a small AIM on Fashion-MNIST on CPU, then probe it (see examples/demo.sh).
 demo: setup

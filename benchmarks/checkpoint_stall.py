@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training stall per checkpoint, synchronous vs asynchronous saves, on gloo ranks (torchrun).
 
-    python benchmarks/checkpoint_stall.py                       # 2 ranks, ~75M parameters, fp32
-    python benchmarks/checkpoint_stall.py --hidden 2048 --layers 6   # ~300M: needs ~12 GB per rank
+    python benchmarks/checkpoint_stall.py                       # 2 ranks, ~302M parameters, fp32
+    python benchmarks/checkpoint_stall.py --hidden 1024         # ~75M, for a machine with less memory
 
 Runs aim-pretrain twice with the same wide custom model (AdamW, fp32):
 train.async_save=false, then true. Each run saves once mid-run (train.save_interval, the loop's
@@ -14,10 +14,11 @@ in the async run it first waits for the mid-run write if that is still going: it
 compared. Also shown: wall time of the steps after the mid-run save, where the background writer
 competes with training for this machine's cores.
 
-Size: on the 24 GB development machine a ~300M-parameter run was killed by the OOM killer in its
-first synchronous save with the distributed optimizer (one rank peaked at 11.6 GB, three times its 3.9 GB while training:
-the fully reshardable optimizer state is gathered into new tensors for each save), so the default
-is ~75M parameters; the checkpoint is still ~1 GB and a synchronous write takes seconds.
+Size: the default (~302M trunk parameters, AdamW replicated on each rank, a 3.6 GB checkpoint)
+peaked at 13.9 GB used on the 24 GB development machine for the two ranks together (2026-12-05);
+run it on an otherwise idle machine. With ``--distributed-optimizer`` a ~300M run was killed by the
+OOM killer in its first synchronous save (one rank peaked at 11.6 GB, three times its 3.9 GB while
+training: the fully reshardable optimizer state is gathered into new tensors for each save).
 
 The last line is exactly ``checkpoint stall async/sync: R`` (mid-run save, async over sync).
 """
@@ -53,7 +54,7 @@ def records(path: Path) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--steps-after-save", type=int, default=6,
                     help="steps between the mid-run save and the end (time for the background write)")

@@ -10,10 +10,17 @@ threads/processes. By default the photos of scripts/install_data.sh are re-encod
 ``--max-side`` pixels (ImageNet-like sizes) into shards under ``--data-dir``. DALI runs on the GPU
 ("mixed" decode) when CUDA is available, and on the CPU in any case.
 Also prints the images/s per GPU that aim-600M needs at 45% MFU on an H100.
+
+``--profile`` instead times each stage on its own, for both CPU loaders: DALI pipelines cut after
+each stage (read; + full decode; the decode of the random crop only; + bicubic resize; + flip and
+normalize) at ``--workers`` threads, then the trainer's DALI loader; PIL one image at a time in this
+process (decode, crop + resize, to tensor), then the trainer's DataLoader. Each row gives images per
+wall-second and per CPU-second and the CPU milliseconds per image the stage adds.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -22,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from aim_megatron.config import load_config
@@ -113,6 +121,115 @@ def measure(kind: str, source: str, args, dali_device: str = "cpu") -> dict:
             "device": "cuda" if batch["images"].is_cuda else "cpu"}
 
 
+def dali_stage(tars: list[str], indices: list[str], stage: str, batch: int, threads: int, size: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, seed=0, prefetch_queue_depth=2)
+    def pipe():
+        raw = fn.readers.webdataset(paths=tars, index_paths=indices, ext=["jpg"], random_shuffle=True,
+                                    initial_fill=256, name="reader")
+        if stage == "read":
+            return raw
+        if stage == "decode":
+            return fn.decoders.image(raw, device="cpu", output_type=types.RGB)
+        images = fn.decoders.image_random_crop(raw, device="cpu", output_type=types.RGB,
+                                               random_area=[0.4, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                               num_attempts=10)
+        if stage == "crop decode":
+            return images
+        interp = types.INTERP_LINEAR if stage.endswith("(linear)") else types.INTERP_CUBIC
+        images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
+        if stage == "resize":
+            return images
+        return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5), dtype=types.FLOAT,
+                                        output_layout="CHW", mean=[0.0] * 3, std=[255.0] * 3)
+    p = pipe()
+    p.build()
+    return p
+
+
+def time_dali(pipe, batches: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        pipe.run()
+    start, cpu = time.perf_counter(), cpu_seconds()
+    for _ in range(batches):
+        out = pipe.run()[0]
+        if out.is_dense_tensor():  # the decoded stages: one view of the batch, as the loader takes
+            out.as_tensor()
+    return time.perf_counter() - start, cpu_seconds() - cpu
+
+
+def pil_stages(samples: list[bytes], size: int, n: int) -> list[tuple[str, float]]:
+    """CPU seconds per image of each PIL stage, one image at a time in this process."""
+    import torch
+    from PIL import Image
+
+    from aim_megatron.data.pil import random_resized_crop_box
+
+    rng = np.random.default_rng(0)
+    picks = [samples[i % len(samples)] for i in range(n)]
+    t0 = time.process_time()
+    decoded = []
+    for data in picks:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        decoded.append(img.convert("RGB"))
+    t1 = time.process_time()
+    resized = []
+    for img in decoded:
+        left, top, w, h = random_resized_crop_box(img.width, img.height, (0.4, 1.0), rng)
+        resized.append(img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)))
+    t2 = time.process_time()
+    for img in resized:
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32))
+        (arr / 255.0).permute(2, 0, 1).contiguous()
+    t3 = time.process_time()
+    return [("decode", (t1 - t0) / n), ("crop + bicubic resize", (t2 - t1) / n), ("to normalized tensor", (t3 - t2) / n)]
+
+
+PROFILE_REF = {"decode": "read", "crop decode": "read", "resize": "crop decode",
+               "resize (linear)": "crop decode", "normalize": "resize"}
+PROFILE_LABEL = {"read": "read (webdataset)", "decode": "+ full decode",
+                 "crop decode": "read + decode of the crop only", "resize": "+ resize bicubic (antialias)",
+                 "resize (linear)": "  (same, bilinear instead)", "normalize": "+ flip, normalize"}
+
+
+def profile(path: Path, args) -> None:
+    """--profile: the stages of both CPU loaders, each timed on its own (see the module text)."""
+    from aim_megatron.data.shards import iter_tar_images
+    from aim_megatron.data.sources import resolve_source
+
+    source = resolve_source(str(path))
+    images = args.batch * args.batches
+    print(f"{'loader':<6} {'threads':>7}  {'stage (cumulative)':<34} {'images/s':>9} {'images/CPU-s':>13} "
+          f"{'CPU ms/image':>13} {'added':>7}")
+    row = "{:<6} {:>7}  {:<34} {:>9.1f} {:>13.1f} {:>13.2f} {:>+7.2f}"
+    threads = args.workers
+    ms = {}
+    for stage in PROFILE_LABEL:
+        pipe = dali_stage(source.tars, source.indices, stage, args.batch, threads, args.image_size)
+        wall, cpu = time_dali(pipe, args.batches, args.warmup)
+        del pipe
+        ms[stage] = 1e3 * cpu / images
+        added = ms[stage] - ms.get(PROFILE_REF.get(stage), 0.0)
+        print(row.format("dali", threads, PROFILE_LABEL[stage], images / wall, images / cpu, ms[stage], added),
+              flush=True)
+    r = measure("dali", str(path), args, "cpu")
+    total = 1e3 / r["images_per_cpu_s"]
+    print(row.format("dali", threads, "the trainer's loader (+ checks)", r["images_per_s"], r["images_per_cpu_s"],
+                     total, total - ms["normalize"]), flush=True)
+    samples = [data for tar in source.tars for _, data, _ in iter_tar_images(tar)]
+    total = 0.0
+    for label, seconds in pil_stages(samples, args.image_size, min(len(samples), 300)):
+        total += seconds
+        print(row.format("pil", 1, ("+ " if label != "decode" else "read + ") + label, 1 / total, 1 / total,
+                         1e3 * total, 1e3 * seconds))
+    r = measure("torch", str(path), args)
+    total = 1e3 / r["images_per_cpu_s"]
+    print(row.format("pil", threads, "the trainer's loader (DataLoader)", r["images_per_s"], r["images_per_cpu_s"],
+                     total, 0.0), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help="shards or image folder (default: real photos, built once)")
@@ -127,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--color-jitter", action="store_true")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: each stage of the DALI CPU pipeline and of the PIL path timed on its own")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -135,6 +254,13 @@ def main(argv=None) -> int:
     else:
         path, described = build_bench_shards(Path(args.data_dir), args.max_side, args.copies)
         source = str(path)
+    if args.profile:
+        if not dali_available():
+            sys.exit("--profile needs NVIDIA DALI")
+        print(f"source: {described}; {os.cpu_count()} CPU cores; batch {args.batch}; {args.batches} timed batches "
+              f"after {args.warmup} warm-up; RandomResizedCrop {args.image_size} (0.4-1.0), flip, normalize\n")
+        profile(Path(source), args)
+        return 0
     variants = [("torch", "torch", "cpu")]
     if dali_available():
         variants.append(("dali-cpu", "dali", "cpu"))

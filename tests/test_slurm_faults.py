@@ -13,7 +13,6 @@ Needs root and slurm-wlm + munge (scripts/setup.sh); fails, not skips, without."
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from slurm_campaign import (CONFIG, job_log, losses, snapshot_repo, start_cluster, start_reference,
+                            steps_done, wait_until_finished)
 
-CONFIG = "examples/configs/aim_tiny_synthetic.yaml"
 STEPS = 20
 SAVE_INTERVAL = 5
 ACT_AFTER = SAVE_INTERVAL + 1   # a fault once the checkpoint of step 5 is complete and a step more ran
@@ -79,35 +79,12 @@ NODES = sum(nodes for _, nodes, _ in SCENARIOS.values()) + SPARE_NODES
 
 @pytest.fixture(scope="module")
 def cluster():
-    assert os.geteuid() == 0, "tests/test_slurm_faults.py needs root (it starts slurmctld/slurmd)"
-    assert Path("/usr/sbin/slurmctld").exists() and Path("/usr/sbin/munged").exists(), \
-        "slurm-wlm/munge missing: run scripts/setup.sh"
-    r = subprocess.run(["bash", "scripts/slurm_cluster.sh", "start", "--nodes", str(NODES)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    yield
-    subprocess.run(["bash", "scripts/slurm_cluster.sh", "stop"], cwd=ROOT, timeout=120)
+    yield from start_cluster(NODES, "tests/test_slurm_faults.py")
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """The code the jobs run, copied: a working tree edited during the campaign would change it."""
-    snap = tmp_path_factory.mktemp("repo")
-    for part in ("aim_megatron", "examples", "tools"):
-        shutil.copytree(ROOT / part, snap / part, ignore=shutil.ignore_patterns("__pycache__"))
-    return snap
-
-
-def losses(out: Path) -> dict[int, float]:
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def steps_done(out: Path) -> int:
-    try:
-        return len(losses(out))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
+    return snapshot_repo(tmp_path_factory)
 
 
 def latest_step(out: Path) -> int:
@@ -115,11 +92,6 @@ def latest_step(out: Path) -> int:
         return int((out / "checkpoints" / "latest").read_text().strip().rsplit("_", 1)[-1])
     except (FileNotFoundError, ValueError):
         return 0
-
-
-def job(jid: str) -> dict:
-    text = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(?:^|\s)(\w+)=(\S*)", text.splitlines()[0] if text.strip() else ""))
 
 
 def running() -> dict[str, dict]:
@@ -149,10 +121,7 @@ def campaign(cluster, repo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
     start = time.time()
     ref_dir = tmp / "reference"
-    reference = subprocess.Popen(
-        [sys.executable, "-m", "aim_megatron.train", "--config", CONFIG, *OVERRIDES,
-         f"train.output_dir={ref_dir}"], cwd=repo, env=dict(os.environ, OMP_NUM_THREADS="1"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    reference = start_reference(repo, OVERRIDES, ref_dir)
     jobs = {name: submit(repo, tmp / name, script, nodes, fault,
                          *(["--no-kill"] if name in NO_KILL else []))
             for name, (script, nodes, fault) in SCENARIOS.items()}
@@ -181,41 +150,11 @@ def campaign(cluster, repo, tmp_path_factory):
         out, _ = loss.communicate(timeout=120)
         assert loss.returncode == 0 and " lost (killed: " in out, out
 
-    def finished(name, jid):
-        info = job(jid)
-        state = info.get("JobState")
-        if state == "PENDING" and info.get("Reason") == "BeginTime":   # a requeued job waits ~2 min
-            # not within the same seconds as the requeue: "Job credential revoked" (docs/slurm.md)
-            if time.time() - pending_since.setdefault(name, time.time()) > 3:
-                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"],
-                               capture_output=True)
-        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            first = failing.setdefault(name, time.time())   # a requeue shows it for a moment
-            return state if time.time() - first > 15 else None
-        failing.pop(name, None)
-        metrics = outs[name] / "metrics.jsonl"
-        done = metrics.exists() and '"event": "complete"' in metrics.read_text()
-        return state if state == "COMPLETED" and done else None
-
-    states, failing, pending_since = {}, {}, {}
-    deadline = time.time() + 540
-    while len(states) < len(jobs) and time.time() < deadline:
-        for name, jid in jobs.items():
-            if name not in states and (state := finished(name, jid)):
-                states[name] = state
-        time.sleep(0.5)
-    for name, jid in jobs.items():
-        if name not in states:
-            states[name] = f"not finished: {job(jid).get('JobState')}"
-    restarts = {name: int(job(jid).get("Restarts", -1)) for name, jid in jobs.items()}
+    states, restarts = wait_until_finished(jobs, outs, 540)
     assert reference.wait(timeout=300) == 0
     print(f"fault campaign: {time.time() - start:.0f} s")
     return dict(jobs=jobs, outs=outs, logs=logs, states=states, restarts=restarts, acted=acted,
                 ref=losses(ref_dir))
-
-
-def _log(c, name) -> str:
-    return c["logs"][name].read_text() if c["logs"][name].exists() else "(no log)"
 
 
 def history(c, name) -> list[dict]:
@@ -227,7 +166,7 @@ def history(c, name) -> list[dict]:
 def test_job_restarts_by_itself_and_ends_with_the_uninterrupted_losses(campaign, name):
     c = campaign
     script, nodes, fault = SCENARIOS[name]
-    text = _log(c, name)
+    text = job_log(c, name)
     assert c["states"][name] == "COMPLETED", f"{name}: {c['states'][name]}\n{text[-5000:]}"
     # restarted once, for this fault, from the newest complete checkpoint, losing < save_interval
     events = [e for e in history(c, name) if e["counted"]]
@@ -271,5 +210,5 @@ def test_a_requeued_job_takes_over_its_own_writer_lock(campaign):
     requeued = [name for name in SCENARIOS if c["restarts"][name] > 0]
     took_own = [name for name in requeued
                 if re.search(r"took over the writer lock of \S+ from .*: it belongs to this Slurm job "
-                             rf"\({c['jobs'][name]}\), restarted", _log(c, name))]
+                             rf"\({c['jobs'][name]}\), restarted", job_log(c, name))]
     assert requeued and took_own, (requeued, took_own)

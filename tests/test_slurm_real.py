@@ -12,7 +12,6 @@ Needs root and slurm-wlm + munge (scripts/setup.sh installs them); fails, not sk
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from slurm_campaign import (CONFIG, job, job_log, losses, snapshot_repo, start_cluster, start_reference,
+                            steps_done, wait_until_finished)
 
-CONFIG = "examples/configs/aim_tiny_synthetic.yaml"
 STEPS = 40
 # Synchronous saves: these jobs test stops, requeues and the watchdog, whose promise is "resume
 # from the last periodic checkpoint"; an asynchronous one still being written when a rank hangs
@@ -93,34 +92,12 @@ NODES = sum(s[1] for s in SCENARIOS.values()) + 4   # every job at once, plus th
 
 @pytest.fixture(scope="module")
 def cluster():
-    assert os.geteuid() == 0, "tests/test_slurm_real.py needs root (it starts slurmctld/slurmd)"
-    assert Path("/usr/sbin/slurmctld").exists() and Path("/usr/sbin/munged").exists(), \
-        "slurm-wlm/munge missing: run scripts/setup.sh"
-    r = subprocess.run(["bash", "scripts/slurm_cluster.sh", "start", "--nodes", str(NODES)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stdout + r.stderr
-    yield
-    subprocess.run(["bash", "scripts/slurm_cluster.sh", "stop"], cwd=ROOT, timeout=120)
+    yield from start_cluster(NODES, "tests/test_slurm_real.py")
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """A copy of the code the jobs run: requeued jobs restart minutes later, and a working tree
-    edited meanwhile (another config default) would make the resume refuse the checkpoint."""
-    snap = tmp_path_factory.mktemp("repo")
-    for part in ("aim_megatron", "examples", "tools"):
-        shutil.copytree(ROOT / part, snap / part, ignore=shutil.ignore_patterns("__pycache__"))
-    return snap
-
-
-def losses(out: Path) -> dict[int, float]:
-    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def job(jid: str) -> dict:
-    text = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", text.splitlines()[0] if text.strip() else ""))
+    return snapshot_repo(tmp_path_factory)
 
 
 def job_env():
@@ -155,23 +132,13 @@ def submit_sweep(repo: Path, sweep: Path) -> tuple[str, list[str]]:
     return array, names
 
 
-def steps_done(out: Path) -> int:
-    try:
-        return len(losses(out))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-
-
 @pytest.fixture(scope="module")
 def campaign(cluster, repo, tmp_path_factory):
     """Submit every job and the sweep, stop each at its point, wait for all to finish."""
     tmp = tmp_path_factory.mktemp("jobs")
     start = time.time()
     ref_dir = tmp / "reference"
-    reference = subprocess.Popen(
-        [sys.executable, "-m", "aim_megatron.train", "--config", CONFIG, *OVERRIDES,
-         f"train.output_dir={ref_dir}"], cwd=repo, env=dict(os.environ, OMP_NUM_THREADS="1"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    reference = start_reference(repo, OVERRIDES, ref_dir)
     jobs = {name: submit(repo, tmp / name, script, f"--nodes={nodes}", "-p", "low", overrides=extra)
             for name, (script, nodes, _, _, extra) in SCENARIOS.items()}
     outs = {name: tmp / name for name in jobs}
@@ -202,48 +169,15 @@ def campaign(cluster, repo, tmp_path_factory):
                 del pending[name]
         time.sleep(0.2)
 
-    def finished(name, jid):
-        info = job(jid)
-        state = info.get("JobState")
-        if state == "PENDING" and info.get("Reason") == "BeginTime":   # a requeued job waits ~2 min
-            # ...but not less than a few seconds: slurmd revokes the old run's credential, and a
-            # restart within the same second gets "Job credential revoked" and fails the job.
-            if time.time() - pending_since.setdefault(name, time.time()) > 3:
-                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"],
-                               capture_output=True)
-        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            # a job that requeues itself shows FAILED for a moment before it is pending again
-            first = failing.setdefault(name, time.time())
-            return state if time.time() - first > 15 else None
-        failing.pop(name, None)
-        # COMPLETED alone is not enough: the signalled run's batch shell also ends with 0
-        metrics = outs[name] / "metrics.jsonl"
-        done = metrics.exists() and '"event": "complete"' in metrics.read_text()
-        return state if state == "COMPLETED" and done else None
-
-    states, failing, pending_since = {}, {}, {}
-    deadline = time.time() + 600
-    while len(states) < len(jobs) and time.time() < deadline:
-        for name, jid in jobs.items():
-            if name not in states and (state := finished(name, jid)):
-                states[name] = state
-        time.sleep(0.5)
-    for name, jid in jobs.items():
-        if name not in states:
-            states[name] = f"not finished: {job(jid).get('JobState')}"
-    restarts = {name: int(job(jid).get("Restarts", -1)) for name, jid in jobs.items()}
+    states, restarts = wait_until_finished(jobs, outs, 600)
     assert reference.wait(timeout=300) == 0
     print(f"campaign: {time.time() - start:.0f} s")
     return dict(jobs=jobs, outs=outs, logs=logs, states=states, restarts=restarts, acted=acted,
                 ref=losses(ref_dir), sweep=sweep, run_names=run_names, array=array)
 
 
-def _log(c, name) -> str:
-    return c["logs"][name].read_text() if c["logs"][name].exists() else "(no log)"
-
-
 def _checkpoint_and_resume(c, name) -> tuple[list[str], list[str]]:
-    text = _log(c, name)
+    text = job_log(c, name)
     assert c["states"][name] == "COMPLETED", f"{name}: {c['states'][name]}\n{text[-3000:]}"
     saved = re.findall(r"checkpointing at step (\d+) and exiting for requeue", text)
     resumed = re.findall(r"resumed from \S+ at step (\d+)", text)
@@ -264,7 +198,7 @@ def test_every_stop_checkpoints_requeues_and_resumes_exactly(campaign):
     assert sorted(ref) == list(range(1, STEPS + 1))
     for name in SINGLE_STOPS + ["srun_2nodes_usr1"]:
         saved, resumed = _checkpoint_and_resume(c, name)
-        text = _log(c, name)
+        text = job_log(c, name)
         # (a) a checkpoint at the signalled step, and the restart resumed from that very step
         if name == "startup":   # nothing to keep at step 0: no checkpoint, the restart starts afresh
             assert saved == ["0"] and not resumed and not list((c["outs"][name] / "checkpoints").glob(
@@ -289,7 +223,7 @@ def test_srun_launcher_runs_clean_on_two_nodes(campaign):
     """multi_node_srun.sbatch: one srun task per worker (srun_task.sh), 2 nodes, to the end."""
     c = campaign
     saved, resumed = _checkpoint_and_resume(c, "srun_2nodes")
-    text = _log(c, "srun_2nodes")
+    text = job_log(c, "srun_2nodes")
     assert not saved and not resumed and c["restarts"]["srun_2nodes"] == 0, text[-3000:]
     assert "on 2 node(s) x 1 worker(s)" in text and "training step exited with code 0" in text, text[-3000:]
     _same_losses(losses(c["outs"]["srun_2nodes"]), c["ref"], exact=False, name="srun_2nodes")
@@ -301,7 +235,7 @@ def test_hung_rank_is_detected_and_the_job_resumes_from_its_last_checkpoint(camp
     itself and resumes from the last train.save_interval checkpoint to the end."""
     c, name = campaign, "srun_2nodes_hang"
     saved, resumed = _checkpoint_and_resume(c, name)
-    text = _log(c, name)
+    text = job_log(c, name)
     line = next((ln for ln in text.splitlines() if "hang detected: rank 0" in ln), None)
     assert line and "stuck rank(s): 1;" in line, text[-5000:]
     hung_at = int(re.search(r"after step (\d+)", line).group(1))
@@ -331,7 +265,7 @@ def test_sweep_job_array_ends_in_a_complete_collect_and_fit(campaign):
     sweep, names = c["sweep"], c["run_names"]
     for k in range(len(names)):
         assert c["states"][f"sweep_{k}"] == "COMPLETED", \
-            f"sweep_{k}: {c['states'][f'sweep_{k}']}\n{_log(c, f'sweep_{k}')[-3000:]}"
+            f"sweep_{k}: {c['states'][f'sweep_{k}']}\n{job_log(c, f'sweep_{k}')[-3000:]}"
     assert c["restarts"][f"sweep_{SWEEP_REQUEUED}"] >= 1
     saved, resumed = _checkpoint_and_resume(c, f"sweep_{SWEEP_REQUEUED}")
     assert saved and saved == resumed[:1], (saved, resumed)
@@ -345,5 +279,5 @@ def test_sweep_job_array_ends_in_a_complete_collect_and_fit(campaign):
     assert fit["points"] == sum(len(r["curve"]) for r in results) and fit["intermediate"], fit
     assert all(v == v for v in fit["law"].values()), fit["law"]    # no NaN
     assert (sweep / "fit.png").exists()
-    logs = "".join(_log(c, f"sweep_{k}") for k in range(len(names)))
+    logs = "".join(job_log(c, f"sweep_{k}") for k in range(len(names)))
     assert logs.count("runs complete; fitting") == 1, logs[-3000:]
