@@ -181,6 +181,11 @@ class TrainConfig:
     # Spread the reads of data-parallel replicas over the data-parallel ranks on resume; each
     # rank reads its part and the parts are exchanged (megatron-core's fully parallel load).
     fully_parallel_load: bool = True
+    # How the distributed optimizer's state is stored (megatron-core's formats). "fully_reshardable"
+    # loads in any TP/PP/DP layout, but every save first gathers the state over the data-parallel
+    # group (a stall an async save cannot hide). "dp_reshardable" writes each rank's own buffers:
+    # no gather, no extra memory, but it resumes only with the same TP/PP (Megatron-LM's default).
+    optimizer_checkpoint_format: str = "fully_reshardable"
     # Mean time between unexpected interruptions of one GPU, hours, for save_interval=auto and
     # the start-up summary; the default is Llama 3's (419 in 54 days on 16,384 GPUs).
     gpu_mtbf_hours: float = 54 * 24 * 16384 / 419
@@ -546,6 +551,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_choice("train.params_dtype", t.params_dtype, ("fp32", "bf16", "auto"))
     _check_choice("train.fp8", t.fp8, (None, "hybrid", "e4m3"))
     _check_choice("train.fp8_recipe", t.fp8_recipe, ("delayed", "tensorwise"))
+    _check_choice("train.optimizer_checkpoint_format", t.optimizer_checkpoint_format,
+                  ("fully_reshardable", "dp_reshardable"))
     _check_choice("train.fp8_amax_reduction", t.fp8_amax_reduction, ("tp_dp", "tp"))
     _check_choice("data.loader", cfg.data.loader, ("auto", "dali", "torch"))
     if isinstance(t.save_interval, str):

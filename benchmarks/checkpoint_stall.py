@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--distributed-optimizer", action="store_true",
                     help="shard AdamW's state over the data-parallel ranks (its checkpoint format, fully "
                          "reshardable, gathers that state before every save: a stall async cannot hide)")
+    ap.add_argument("--optimizer-format", default="fully_reshardable", choices=["fully_reshardable", "dp_reshardable"],
+                    help="train.optimizer_checkpoint_format with --distributed-optimizer (dp_reshardable: no gather)")
     ap.add_argument("--dir", type=Path, default=None, help="where the runs write (default: a temp dir)")
     args = ap.parse_args(argv)
     save_at = 2
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
              f"train.train_iters={iters}", f"train.save_interval={save_at}", "train.keep_last=1",
              "train.params_dtype=fp32", "train.log_interval=1", "train.eval_interval=0",
              "train.eval_iters=1", "train.tensorboard=false",
-             f"parallel.use_distributed_optimizer={str(args.distributed_optimizer).lower()}"]
+             f"parallel.use_distributed_optimizer={str(args.distributed_optimizer).lower()}",
+             f"train.optimizer_checkpoint_format={args.optimizer_format}"]
     rows = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for mode in ("sync", "async"):
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
             rows[mode]["ckpt_gb"] = sum(f.stat().st_size for f in (out / "checkpoints").rglob("*")
                                         if f.is_file()) / 1e9
     params = 12 * args.hidden ** 2 * args.layers
-    optimizer = "distributed optimizer" if args.distributed_optimizer else "replicated on each rank"
+    optimizer = (f"distributed optimizer, {args.optimizer_format}" if args.distributed_optimizer
+                 else "replicated on each rank")
     print(f"{args.nproc} gloo ranks, ~{params / 1e6:.0f}M trunk parameters, fp32, AdamW ({optimizer}), "
           f"checkpoint {rows['sync']['ckpt_gb']:.2f} GB")
     print(f"{'mode':<6} {'mid-run save stall':>19} {'final save':>11} {'steps after save':>17} {'run wall':>9}")

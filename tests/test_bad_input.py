@@ -133,6 +133,7 @@ RANGE = {
     "train.fp8_recipe": ("mxfp8", [], "'delayed' or 'tensorwise'"),
     "train.fp8_amax_history_len": ("0", [], ">= 1"),
     "train.fp8_amax_reduction": ("dp", [], "'tp_dp' or 'tp'"),
+    "train.optimizer_checkpoint_format": ("fully_sharded", [], "'fully_reshardable' or 'dp_reshardable'"),
     "train.output_dir": ("''", [], "an empty path"),
     "train.log_interval": ("0", [], ">= 1"),
     "train.eval_interval": ("-1", [], "0 means validate only at the end"),

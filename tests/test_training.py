@@ -76,6 +76,7 @@ def test_loss_goes_down(tmp_path):
     (2, ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
          "parallel.overlap_param_gather=true"]),
     (1, ["train.params_dtype=bf16"]),   # the demo's dtype on CPU: bf16 weights, fp32 master copy
+    (2, ["parallel.use_distributed_optimizer=true", "train.optimizer_checkpoint_format=dp_reshardable"]),
 ])
 def test_resume_is_bit_exact(tmp_path, nproc, layout):
     full, split = tmp_path / "full", tmp_path / "split"
@@ -90,6 +91,31 @@ def test_resume_is_bit_exact(tmp_path, nproc, layout):
     a, b = losses(full), losses(split)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert all(a[s] == b[s] for s in a), {s: (a[s], b[s]) for s in a if a[s] != b[s]}
+
+
+def test_dp_reshardable_optimizer_state_changes_dp_but_refuses_another_tp(tmp_path):
+    """train.optimizer_checkpoint_format=dp_reshardable (no gather before a save): a resume at
+    another DP size trains exactly as one from the fully reshardable format; another TP is one line."""
+    distopt = ["parallel.use_distributed_optimizer=true", "train.train_iters=6"]
+    runs = {}
+    for fmt in ("fully_reshardable", "dp_reshardable"):
+        out = tmp_path / fmt
+        pretrain(out, distopt + [f"train.optimizer_checkpoint_format={fmt}", "train.exit_after_steps=4"], 2)
+        meta = json.loads((out / "checkpoints" / "step_00000004" / "aim_meta.json").read_text())
+        assert meta["optimizer_format"] == fmt
+        if fmt == "dp_reshardable":
+            refused = pretrain(out, distopt + ["parallel.tp=2"], 2, expect=1)
+            errors = [ln for ln in refused.stderr.splitlines() if ln.startswith("aim-pretrain:")]
+            assert len(errors) == 1 and "dp_reshardable" in errors[0] and "tp=1 -> 2" in errors[0] \
+                and "parallel.tp=1" in errors[0], refused.stderr[-3000:]
+            reshard = subprocess.run([sys.executable, "tools/reshard_checkpoint.py", "reshard", "--src",
+                                      str(out / "checkpoints" / "step_00000004"), "--dst", str(tmp_path / "tp2"),
+                                      "parallel.tp=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+            assert reshard.returncode == 1 and "dp_reshardable" in reshard.stderr \
+                and not (tmp_path / "tp2" / "checkpoints").exists(), reshard.stdout + reshard.stderr
+        pretrain(out, distopt, 1)   # DP=2 -> DP=1
+        runs[fmt] = losses(out)
+    assert runs["dp_reshardable"] == runs["fully_reshardable"] and max(runs["dp_reshardable"]) == 6
 
 
 def test_bf16_on_cpu_tracks_fp32(tmp_path):

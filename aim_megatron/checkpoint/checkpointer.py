@@ -52,7 +52,13 @@ log = logging.getLogger(__name__)
 META_FILE = "aim_meta.json"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
-_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# How the distributed optimizer's state is stored: train.optimizer_checkpoint_format, recorded in
+# aim_meta.json ("optimizer_format"); checkpoints without the record hold the fully reshardable one.
+DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
+
+
+def _optimizer_metadata(fmt: str) -> dict:
+    return {"distrib_optim_sharding_type": fmt}
 
 
 class CheckpointError(RuntimeError):
@@ -305,7 +311,9 @@ def start_save(root: Path, step: int, cfg: Config, model: list, optimizer, sched
     rng_states = _gather_to_all(_rank_rng_state())
     data_states = _gather_to_all(data_state)
     state = model_sharded_state_dict(model)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=_OPT_METADATA)
+    optimizer_format = cfg.train.optimizer_checkpoint_format
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
+                                                      metadata=_optimizer_metadata(optimizer_format))
     total = torch.tensor([_sharded_bytes(state)], dtype=torch.float64, device=cpu_shims.device())
     dist.all_reduce(total)  # on the device: NCCL reduces no CPU tensors
     # Tensors plus ~5% for common.pt (RNG, data positions, schedule) and the metadata files.
@@ -326,6 +334,8 @@ def start_save(root: Path, step: int, cfg: Config, model: list, optimizer, sched
     # where a failure on rank 0 reaches every rank.
     writes_done = [fn for fn in request.finalize_fns if fn.__name__ != "metadata_finalize_fn"]
     meta = {"format": FORMAT_VERSION, "step": step, "config": cfg.to_dict(), "layout": _layout()}
+    if cfg.parallel.use_distributed_optimizer:
+        meta["optimizer_format"] = optimizer_format
     publish = _publisher(root, tmp, final, meta, keep_last, needed, writes_done,
                          CheckpointingConfig(strategy.backend, strategy.version))
     request = request._replace(finalize_fns=[publish])
@@ -451,11 +461,14 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     # schedule stay as freshly built, which is what a step-0 checkpoint holds anyway.
     weights_only = bool(meta.get("weights_only"))
     with_optimizer = optimizer is not None and not weights_only
+    optimizer_format = meta.get("optimizer_format", DEFAULT_OPTIMIZER_FORMAT)
     if with_optimizer:
+        _check_optimizer_layout(path, meta, cfg, optimizer_format)
         _prepare_optimizer_for_load(optimizer)
     state = model_sharded_state_dict(model)
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPT_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata=_optimizer_metadata(optimizer_format))
     pickled_files.check(path, CheckpointDamaged)  # megatron-core unpickles .metadata with plain pickle
     try:
         # RETURN_UNEXPECTED: entries this model asks for that the checkpoint lacks come back
@@ -482,7 +495,8 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
         _load_module(_unwrap(chunk), loaded[key], path)
     if with_optimizer:
         _place_adam_step(optimizer, loaded["optimizer"])
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # the dp_reshardable path copies into fp32 main params that are leaves
+            optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_step(optimizer)
     if scheduler is not None and not weights_only:
         scheduler.load_state_dict(loaded["scheduler"])
@@ -502,6 +516,23 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
                     "resharded; RNG and data-loader states restart from the sample position",
                     meta.get("layout"), _layout())
     return {"trainer": loaded["trainer"], "data": data_state, "meta": meta}
+
+
+def _check_optimizer_layout(path: Path, meta: dict, cfg: Config, optimizer_format: str) -> None:
+    """The dp_reshardable format stores each rank's own optimizer buffers, whose cut depends on the
+    model-parallel layout: it resumes only with the TP/PP/VP it was written with."""
+    if optimizer_format != "dp_reshardable":
+        return
+    saved = dict(meta.get("layout", {}), vp=meta.get("config", {}).get("parallel", {}).get("vp"))
+    now = dict(_layout(), vp=cfg.parallel.vp)
+    changed = [f"{k}={saved.get(k)} -> {now[k]}" for k in ("tp", "pp", "vp") if saved.get(k) != now[k]]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path} holds the distributed optimizer's state in the dp_reshardable format, "
+            f"which loads only in the TP/PP/VP layout it was written in ({', '.join(changed)}): resume "
+            f"with parallel.tp={saved.get('tp')} parallel.pp={saved.get('pp')} "
+            f"parallel.vp={'null' if saved.get('vp') is None else saved.get('vp')}, "
+            f"or save with train.optimizer_checkpoint_format=fully_reshardable before changing the layout")
 
 
 def _optional_on_load(key: str) -> bool:

@@ -12,7 +12,8 @@ serve any TP/PP/VP/DP layout as they are: the new directory hard-links them (cop
 systems) and records the new parallel settings in aim_meta.json; the load in the new layout
 reshards, and RNG and data-loader states restart from the sample position. Nothing is read into
 memory. The optimizer type (parallel.use_distributed_optimizer) must stay: its state is stored
-under other keys.
+under other keys. A distributed optimizer saved with train.optimizer_checkpoint_format=dp_reshardable
+serves only its own TP/PP/VP (a DP change needs no reshard): such a reshard is refused.
 
 Export a consolidated single-file state dict (one process, any source layout, tensor by tensor):
 
@@ -48,6 +49,15 @@ def reshard(src: Path, dst: Path, overrides: list[str]) -> Path:
     if cfg.parallel.use_distributed_optimizer != saved and not meta.get("weights_only"):
         raise ConfigError(f"parallel.use_distributed_optimizer={saved} in {src}: the optimizer state of "
                           f"the other optimizer type is stored under other keys; keep {saved}")
+    if meta.get("optimizer_format") == "dp_reshardable" and not meta.get("weights_only"):
+        before = meta["config"]["parallel"]
+        changed = [f"{k}={before[k]} -> {getattr(cfg.parallel, k)}" for k in ("tp", "pp", "vp")
+                   if before[k] != getattr(cfg.parallel, k)]
+        if changed:
+            raise ConfigError(f"{src} holds the distributed optimizer's state in the dp_reshardable format "
+                              f"({', '.join(changed)}): it serves only the TP/PP/VP it was written in. Resume "
+                              f"once with train.optimizer_checkpoint_format=fully_reshardable and reshard that "
+                              f"checkpoint")
     root = dst / "checkpoints"
     final = root / src.name
     if final.exists():

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from aim_megatron.config import Config
 from aim_megatron.scaling.sizing import GIB
 
-# The checkpointer saves the optimizer in this format (checkpoint/checkpointer.py, _OPT_METADATA).
+# The checkpointer's default format for the distributed optimizer (train.optimizer_checkpoint_format).
 OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
