@@ -76,7 +76,6 @@ def test_loss_goes_down(tmp_path):
     (2, ["parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=true",
          "parallel.overlap_param_gather=true"]),
     (1, ["train.params_dtype=bf16"]),   # the demo's dtype on CPU: bf16 weights, fp32 master copy
-    (2, ["parallel.use_distributed_optimizer=true", "train.optimizer_checkpoint_format=dp_reshardable"]),
 ])
 def test_resume_is_bit_exact(tmp_path, nproc, layout):
     full, split = tmp_path / "full", tmp_path / "split"
