@@ -15,7 +15,7 @@ demo: setup
 	PYTHON=$(PYTHON) bash examples/demo.sh
 
 # The demo once per pre-training seed (1234, 7, 42), then mean +- sd of its figures (~36 minutes).
-# Extra overrides for every seed: make demo-seeds ARGS=train.params_dtype=float32
+# Extra overrides for every seed: make demo-seeds ARGS=train.params_dtype=fp32
 demo-seeds: setup
 	PYTHON=$(PYTHON) bash examples/demo_seeds.sh $(ARGS)
 

@@ -161,7 +161,6 @@ def time_dali(pipe, batches: int, warmup: int) -> tuple[float, float]:
 
 def pil_stages(samples: list[bytes], size: int, n: int) -> list[tuple[str, float]]:
     """CPU seconds per image of each PIL stage, one image at a time in this process."""
-    import torch
     from PIL import Image
 
     from aim_megatron.data.pil import random_resized_crop_box

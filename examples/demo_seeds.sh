@@ -2,7 +2,7 @@
 # The demo (examples/demo.sh) once per pre-training seed, then the mean and spread of its figures.
 # Run through `make demo-seeds` (3 seeds: ~36 minutes on a quiet 2-core machine in bf16).
 # SEEDS="1234 7 42" by default; arguments are extra pre-training overrides for every seed, e.g.
-# `bash examples/demo_seeds.sh train.params_dtype=float32` (what a CPU without fast bf16 runs).
+# `bash examples/demo_seeds.sh train.params_dtype=fp32` (what a CPU without fast bf16 runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

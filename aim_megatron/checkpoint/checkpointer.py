@@ -463,7 +463,15 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     with_optimizer = optimizer is not None and not weights_only
     optimizer_format = meta.get("optimizer_format", DEFAULT_OPTIMIZER_FORMAT)
     if with_optimizer:
-        _check_optimizer_layout(path, meta, cfg, optimizer_format)
+        changed = optimizer_layout_change(meta, cfg.parallel)
+        if changed:
+            saved = meta["config"]["parallel"]
+            raise CheckpointError(
+                f"checkpoint {path} holds the distributed optimizer's state in the dp_reshardable format, "
+                f"which loads only in the TP/PP/VP layout it was written in ({changed}): resume with "
+                f"parallel.tp={saved['tp']} parallel.pp={saved['pp']} "
+                f"parallel.vp={'null' if saved['vp'] is None else saved['vp']}, or save with "
+                f"train.optimizer_checkpoint_format=fully_reshardable before changing the layout")
         _prepare_optimizer_for_load(optimizer)
     state = model_sharded_state_dict(model)
     if with_optimizer:
@@ -518,21 +526,17 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     return {"trainer": loaded["trainer"], "data": data_state, "meta": meta}
 
 
-def _check_optimizer_layout(path: Path, meta: dict, cfg: Config, optimizer_format: str) -> None:
+def optimizer_layout_change(meta: dict, parallel) -> Optional[str]:
     """The dp_reshardable format stores each rank's own optimizer buffers, whose cut depends on the
-    model-parallel layout: it resumes only with the TP/PP/VP it was written with."""
-    if optimizer_format != "dp_reshardable":
-        return
-    saved = dict(meta.get("layout", {}), vp=meta.get("config", {}).get("parallel", {}).get("vp"))
-    now = dict(_layout(), vp=cfg.parallel.vp)
-    changed = [f"{k}={saved.get(k)} -> {now[k]}" for k in ("tp", "pp", "vp") if saved.get(k) != now[k]]
-    if changed:
-        raise CheckpointError(
-            f"checkpoint {path} holds the distributed optimizer's state in the dp_reshardable format, "
-            f"which loads only in the TP/PP/VP layout it was written in ({', '.join(changed)}): resume "
-            f"with parallel.tp={saved.get('tp')} parallel.pp={saved.get('pp')} "
-            f"parallel.vp={'null' if saved.get('vp') is None else saved.get('vp')}, "
-            f"or save with train.optimizer_checkpoint_format=fully_reshardable before changing the layout")
+    model-parallel layout: it serves only the TP/PP/VP it was written in. For a checkpoint in that
+    format (``meta`` from aim_meta.json), the changes to ``parallel`` as "tp=1 -> 2, ..."; None
+    when there are none or the checkpoint's optimizer state can be read in any layout."""
+    if meta.get("optimizer_format") != "dp_reshardable" or meta.get("weights_only"):
+        return None
+    before = meta["config"]["parallel"]
+    changed = [f"{k}={before[k]} -> {getattr(parallel, k)}" for k in ("tp", "pp", "vp")
+               if before[k] != getattr(parallel, k)]
+    return ", ".join(changed) or None
 
 
 def _optional_on_load(key: str) -> bool:

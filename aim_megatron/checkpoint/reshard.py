@@ -49,15 +49,11 @@ def reshard(src: Path, dst: Path, overrides: list[str]) -> Path:
     if cfg.parallel.use_distributed_optimizer != saved and not meta.get("weights_only"):
         raise ConfigError(f"parallel.use_distributed_optimizer={saved} in {src}: the optimizer state of "
                           f"the other optimizer type is stored under other keys; keep {saved}")
-    if meta.get("optimizer_format") == "dp_reshardable" and not meta.get("weights_only"):
-        before = meta["config"]["parallel"]
-        changed = [f"{k}={before[k]} -> {getattr(cfg.parallel, k)}" for k in ("tp", "pp", "vp")
-                   if before[k] != getattr(cfg.parallel, k)]
-        if changed:
-            raise ConfigError(f"{src} holds the distributed optimizer's state in the dp_reshardable format "
-                              f"({', '.join(changed)}): it serves only the TP/PP/VP it was written in. Resume "
-                              f"once with train.optimizer_checkpoint_format=fully_reshardable and reshard that "
-                              f"checkpoint")
+    changed = checkpoint.optimizer_layout_change(meta, cfg.parallel)
+    if changed:
+        raise ConfigError(f"{src} holds the distributed optimizer's state in the dp_reshardable format "
+                          f"({changed}): it serves only the TP/PP/VP it was written in. Resume once with "
+                          f"train.optimizer_checkpoint_format=fully_reshardable and reshard that checkpoint")
     root = dst / "checkpoints"
     final = root / src.name
     if final.exists():

@@ -41,10 +41,9 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from aim_megatron.config import Config
 from aim_megatron.data.base import (Chunk, ImageLoader, SourceStream, derive_seed, eval_resize_size,
                                shard_bounds)
-from aim_megatron.data.sources import Source
 from aim_megatron.data.shards import (IMAGE_EXTENSIONS, index_num_samples, parse_label, write_wds_index,
                                       write_wds_index_subset)
-from aim_megatron.data.sources import check_shard, count_error, rank_shards, require_tars
+from aim_megatron.data.sources import Source, check_shard, count_error, rank_shards, require_tars
 
 logger = logging.getLogger(__name__)
 

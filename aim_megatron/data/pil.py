@@ -20,9 +20,8 @@ from PIL import Image, ImageEnhance
 from aim_megatron.config import Config
 from aim_megatron.data.base import (Chunk, ImageLoader, SourceStream, derive_seed, eval_resize_size,
                                shard_bounds)
-from aim_megatron.data.sources import Source
 from aim_megatron.data.shards import IMAGE_EXTENSIONS, parse_label
-from aim_megatron.data.sources import open_shard, rank_shards
+from aim_megatron.data.sources import Source, open_shard, rank_shards
 
 _RATIO = (3 / 4, 4 / 3)
 
