@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from aim_megatron.training import run_lock
-from aim_megatron.training.run_lock import LOCK_NAME, RunDirectoryInUse, RunLock, this_process
+from aim_megatron.training.run_lock import LOCK_NAME, RunDirectoryInUse, RunLock, _remove_if_token, this_process
 from conftest import ROOT
 
 TINY_CONFIG = str(ROOT / "examples" / "configs" / "aim_tiny_synthetic.yaml")
@@ -179,23 +179,43 @@ def test_a_damaged_lock_is_judged_by_its_age(tmp_path):
 
 
 def test_a_lock_replaced_since_it_was_judged_is_not_removed(tmp_path):
-    """Between reading a stale lock and removing it, another taker may have replaced it: the
+    """Between reading a stale lock and removing it, the lock may have been replaced: the
     removal checks the token of what it moved aside and puts a newer lock back."""
     out = tmp_path / "run"
     stale = plant(out, age_s=1000, host="node-b")
     fresh = plant(out, heartbeat_age_s=0, host="node-c")
-    taker = RunLock(out, timeout_s=60, identity=other_host())
-    assert not taker._remove_stale(stale)
+    assert not _remove_if_token(out / LOCK_NAME, stale["token"])
     assert held_token(out) == fresh["token"]
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, LOCK_NAME + ".heartbeat"]
-    assert taker._remove_stale(fresh)
+    assert _remove_if_token(out / LOCK_NAME, fresh["token"])
     assert not (out / LOCK_NAME).exists()
 
 
-def test_a_takeover_file_left_by_a_dead_taker_is_cleared(tmp_path):
+def test_no_lock_is_created_or_taken_over_while_another_process_holds_the_gate(tmp_path):
+    """Creating, taking over and releasing the lock happen under the gate file: a taker that
+    finds it held waits, and takes the lock once the gate is free."""
     out = tmp_path / "run"
     stale = plant(out, age_s=1000, host="node-b")
-    (out / (LOCK_NAME + ".takeover")).write_text(json.dumps({"token": "t", "time": time.time() - 61}))
+    holder = RunLock(out, timeout_s=60, identity=other_host(host="node-c"))
+    gate = holder._enter_gate()
+    assert gate is not None and holder._enter_gate() is None
+    taker = RunLock(out, timeout_s=60, identity=other_host(host="node-d"))
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(lock=taker.acquire()))
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive() and held_token(out) == stale["token"]  # waits at the gate
+    holder._leave_gate(gate)
+    thread.join(10)
+    assert result["lock"].took_over and held_token(out) == result["lock"].record["token"]
+    result["lock"].release()
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_gate_left_by_a_dead_process_is_cleared(tmp_path):
+    out = tmp_path / "run"
+    stale = plant(out, age_s=1000, host="node-b")
+    (out / (LOCK_NAME + ".gate")).write_text(json.dumps({"token": "t", "time": time.time() - 61}))
     lock = RunLock(out, timeout_s=60, identity=other_host()).acquire()
     assert stale["token"] != lock.record["token"] and held_token(out) == lock.record["token"]
     assert lock.took_over
@@ -214,7 +234,7 @@ def _take(out, start, results, name):
         os._exit(0)
 
 
-@pytest.mark.parametrize("round_", range(3))
+@pytest.mark.parametrize("round_", range(int(os.environ.get("LOCK_RACE_ROUNDS", 10))))
 def test_of_many_takers_of_a_stale_lock_exactly_one_wins(tmp_path, round_):
     out = tmp_path / "run"
     plant(out, age_s=1000, host="node-b")

@@ -9,7 +9,7 @@ O_EXCL on old NFS clients) and never shows a reader a half-written record.
 
     .writer.lock              host, pid, pid namespace, Slurm job, start time, token; never rewritten
     .writer.lock.heartbeat    {"token", "time"}: rewritten by the holder (temporary file + rename)
-    .writer.lock.takeover     held for milliseconds by whoever removes a stale lock
+    .writer.lock.gate         held for milliseconds by whoever creates or removes the lock
 
 The heartbeat lives in its own file so that refreshing it never replaces the lock: a rename onto
 the lock's name would succeed whoever holds it. A heartbeat whose token is not the lock's (a
@@ -18,10 +18,13 @@ former holder's) is ignored.
 A lock is stale, and is taken over with a warning, when its holder runs on this host in this pid
 namespace and its process is gone, when its heartbeat is older than ``train.lock_timeout_s``, or
 when it belongs to this same Slurm job (a requeued or restarted incarnation, possibly on another
-node). Removing a stale lock is race-free between contenders: only the holder of the takeover file
-removes a lock, and only after checking, on the lock moved aside to a private name, that it is
-the very lock it judged stale. A holder whose lock was taken over (it was paused past the timeout)
-learns it at its next heartbeat and stops at once.
+node). Every change of the lock's name (creating it, removing a stale one, a release, a holder
+recreating a lock removed by hand) happens only while holding the gate file, itself created
+exclusively. So a taker that moves a lock aside to check that it is the very lock it judged stale
+cannot be overtaken by a creator in that moment, and of many takers of one stale lock exactly one
+wins. A gate older than a minute belongs to a process that died inside those few file operations
+and is cleared. A holder whose lock was taken over (it was paused past the timeout) learns it at
+its next heartbeat and stops at once.
 """
 from __future__ import annotations
 
@@ -43,10 +46,13 @@ log = logging.getLogger("aim_megatron.train")
 
 LOCK_NAME = ".writer.lock"
 HEARTBEAT_SUFFIX = ".heartbeat"
-TAKEOVER_SUFFIX = ".takeover"
-# The takeover file is held for the few file operations of one takeover; one older than this
-# belongs to a contender that died during them.
-TAKEOVER_STALE_S = 60.0
+GATE_SUFFIX = ".gate"
+# The gate is held for the few file operations of one change of the lock; one older than this
+# belongs to a process that died during them.
+GATE_STALE_S = 60.0
+# How long a release waits for the gate before leaving its lock to be judged stale (normally
+# the gate is free within milliseconds).
+RELEASE_GATE_WAIT_S = 10.0
 # Heartbeats per timeout, and the longest interval between two: a lost lock is noticed within
 # one interval, so it stays short also under a long timeout.
 HEARTBEATS_PER_TIMEOUT = 5
@@ -187,7 +193,7 @@ class RunLock:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / LOCK_NAME
         self.heartbeat_path = self.path.with_name(LOCK_NAME + HEARTBEAT_SUFFIX)
-        self.takeover_path = self.path.with_name(LOCK_NAME + TAKEOVER_SUFFIX)
+        self.gate_path = self.path.with_name(LOCK_NAME + GATE_SUFFIX)
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s or min(MAX_HEARTBEAT_S, timeout_s / HEARTBEATS_PER_TIMEOUT)
         self.identity = identity if identity is not None else this_process()
@@ -254,40 +260,51 @@ class RunLock:
         token = uuid.uuid4().hex
         self.record = {**self.identity, "token": token, "started": time.time()}
         for _ in range(1000):  # each pass ends in success, refusal or a contender's progress
-            if _link_new(self.path, self.record):
-                self._beat()
-                self._thread = threading.Thread(target=self._heartbeats, daemon=True,
-                                                name="run-lock-heartbeat")
-                self._thread.start()
-                return self
-            holder = _read_record(self.path)
-            if holder is None:  # released or taken over just now
-                continue
-            reason = self.stale_reason(holder)
-            if reason is None:
-                raise self._refusal(holder)
-            if self._remove_stale(holder):
-                self.took_over = (f"took over the writer lock of {self.out_dir} from "
-                                  f"{self.describe(holder)}: {reason}")
-                log.warning(self.took_over)
-            else:  # another contender is removing it: see who holds the lock next
+            gate = self._enter_gate()
+            if gate is None:  # another process is creating or removing the lock right now
                 time.sleep(0.02 + 0.05 * random.random())
-        raise RunLockError(f"could not take the writer lock {self.path}: it kept changing hands; "
-                           f"is another run starting on train.output_dir={self.out_dir}?")
+                continue
+            try:
+                if _link_new(self.path, self.record):
+                    break
+                holder = _read_record(self.path)
+                if holder is None:  # released just before this pass took the gate
+                    continue
+                reason = self.stale_reason(holder)
+                if reason is None:
+                    raise self._refusal(holder)
+                # Under the gate nobody else creates the lock, so this checks and removes the
+                # very lock judged stale, and the name stays free for this process.
+                if _remove_if_token(self.path, holder.get("token")) and _link_new(self.path, self.record):
+                    self.took_over = (f"took over the writer lock of {self.out_dir} from "
+                                      f"{self.describe(holder)}: {reason}")
+                    log.warning(self.took_over)
+                    break
+            finally:
+                self._leave_gate(gate)
+        else:
+            self.record = None
+            raise RunLockError(f"could not take the writer lock {self.path}: it kept changing hands; "
+                               f"is another run starting on train.output_dir={self.out_dir}?")
+        self._beat()
+        self._thread = threading.Thread(target=self._heartbeats, daemon=True, name="run-lock-heartbeat")
+        self._thread.start()
+        return self
 
-    def _remove_stale(self, holder: dict) -> bool:
-        """Remove the lock judged stale in ``holder``, unless it changed since; one contender at
-        a time, so none can remove a lock that another just created."""
+    def _enter_gate(self) -> Optional[str]:
+        """Create the gate file (exclusively); its token, or None when another process holds it.
+        A gate left by a process that died holding it is cleared for the next try."""
         mine = {"token": uuid.uuid4().hex, "time": time.time()}
-        if not _link_new(self.takeover_path, mine):
-            other = _read_record(self.takeover_path)
-            if other is not None and time.time() - (other.get("time") or 0) > TAKEOVER_STALE_S:
-                _remove_if_token(self.takeover_path, other.get("token"))  # its taker died
-            return False
-        try:
-            return _remove_if_token(self.path, holder.get("token"))
-        finally:
-            _remove_if_token(self.takeover_path, mine["token"])
+        if _link_new(self.gate_path, mine):
+            return mine["token"]
+        other = _read_record(self.gate_path)
+        if other is not None and time.time() - (other.get("time") or 0) > GATE_STALE_S:
+            _remove_if_token(self.gate_path, other.get("token"))
+        return None
+
+    def _leave_gate(self, token: Optional[str]) -> None:
+        if token is not None:
+            _remove_if_token(self.gate_path, token)
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if it is still this process's; a directory that
@@ -300,7 +317,16 @@ class RunLock:
             return
         token, self.record = self.record["token"], None
         _remove_if_token(self.heartbeat_path, token)
-        _remove_if_token(self.path, token)
+        deadline = time.time() + RELEASE_GATE_WAIT_S
+        gate = self._enter_gate()
+        while gate is None and time.time() < deadline:
+            time.sleep(0.01 + 0.02 * random.random())
+            gate = self._enter_gate()
+        if gate is not None:  # else the lock stays; its ended process makes it stale
+            try:
+                _remove_if_token(self.path, token)
+            finally:
+                self._leave_gate(gate)
         if self._created_dir:
             try:
                 self.out_dir.rmdir()  # only when empty
@@ -322,10 +348,18 @@ class RunLock:
                 return
             try:
                 current = _read_record(self.path)
-                if current is None and _link_new(self.path, record):  # someone removed it
-                    log.warning(f"the writer lock {self.path} was removed while this run held it; "
-                                f"recreated it")
-                    current = record
+                if current is None:  # removed by hand, or a taker is checking it right now
+                    gate = self._enter_gate()
+                    if gate is None:
+                        continue  # look again at the next beat
+                    try:
+                        current = _read_record(self.path)
+                        if current is None and _link_new(self.path, record):
+                            log.warning(f"the writer lock {self.path} was removed while this run "
+                                        f"held it; recreated it")
+                            current = record
+                    finally:
+                        self._leave_gate(gate)
                 if current is None or current.get("token") != record["token"]:
                     self._stop.set()
                     self.on_lost(current or {})
