@@ -23,16 +23,23 @@ SLURMD_TIMEOUT="${AIM_SLURMD_TIMEOUT:-20}"
 
 die() { echo "slurm_cluster.sh: $*" >&2; exit 1; }
 
-stop_pidfile() {  # stop the daemon whose pid is in $1, if it is still running
-  local pid
-  [ -f "$1" ] || return 0
-  pid="$(cat "$1")"
-  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$1"
+stop_pidfiles() {  # stop the daemons whose pids are in the files "$@": all signalled at once, then waited for
+  local f pid pids=""
+  for f in "$@"; do
+    [ -f "$f" ] || continue
+    pid="$(cat "$f")"
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill "$pid" 2>/dev/null || true; pids="$pids $pid"; fi
+  done
+  for _ in $(seq 50); do
+    local alive=""
+    for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive="$alive $pid"; done
+    pids="$alive"
+    [ -z "$pids" ] && break
+    sleep 0.1
+  done
+  # shellcheck disable=SC2086
+  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+  rm -f "$@"
 }
 
 stop() {
@@ -56,8 +63,8 @@ stop() {
     grep -vx "$$" | paste -sd' ' || true)"
   # shellcheck disable=SC2086
   if [ -n "$orphans" ]; then kill -9 $orphans 2>/dev/null || true; fi
-  for f in "$STATE"/slurmd.*.pid "$STATE/slurmctld.pid"; do stop_pidfile "$f"; done
-  stop_pidfile "$STATE/munged.pid"
+  stop_pidfiles "$STATE"/slurmd.*.pid "$STATE/slurmctld.pid"
+  stop_pidfiles "$STATE/munged.pid"
 }
 
 lose_node() {  # node $1 vanishes: its slurmd and every process of its job steps, SIGKILLed at once
