@@ -6,3 +6,7 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 
 __version__ = "0.1.0"
+
+from aim_megatron import _deferred_fusions  # noqa: E402
+
+_deferred_fusions.install()
