@@ -84,7 +84,26 @@ def _placeholder_jpeg() -> np.ndarray:
 
 
 _PLACEHOLDER = _placeholder_jpeg()
-_ZEROS = np.zeros(12, dtype=np.uint8)
+# The bytes that make a file complete, as (pattern, mask) over its first 4 and last 8 bytes:
+# JPEG starts FF D8 FF and ends FF D9; PNG starts with its signature and ends with the IEND chunk
+# (IEND + 4 bytes of CRC).
+_JPEG_ENDS = ([0xFF, 0xD8, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xD9], [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+_PNG_ENDS = ([0x89, 0x50, 0x4E, 0x47, 0x49, 0x45, 0x4E, 0x44, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def _is_complete_image(raw):
+    """Whether each encoded sample is a complete JPEG or PNG, from 12 bytes: slices padded with
+    zeros (safe for short or empty samples), compared under a mask."""
+    n = fn.cast(raw.shape(), dtype=types.INT32)
+    pad = dict(axes=[0], out_of_bounds_policy="pad", fill_values=0)
+    ends = fn.cat(fn.slice(raw, start=[0], shape=[4], **pad), fn.slice(raw, start=n - 8, shape=[8], **pad))
+
+    def matches(pattern, mask):
+        pattern = types.Constant(np.array(pattern, dtype=np.uint8))
+        mask = types.Constant(np.array(mask, dtype=np.uint8) * 0xFF)
+        return fn.reductions.max((ends ^ pattern) & mask) == 0
+
+    return matches(*_JPEG_ENDS) | matches(*_PNG_ENDS)
 
 
 @pipeline_def(enable_conditionals=True)
@@ -110,14 +129,7 @@ def _image_pipeline(source: Source, placement: DaliPlacement, cfg: Config, shard
                                      **reader_args)
     info = fn.get_property(raw, key="source_info")
 
-    # Complete JPEG: FF D8 FF ... FF D9. Complete PNG: signature ... IEND chunk. The padded copies make
-    # indexing safe for short or empty samples.
-    head = fn.cat(raw, types.Constant(_ZEROS))
-    tail = fn.cat(types.Constant(_ZEROS), raw)
-    is_jpeg = (head[0] == 0xFF) & (head[1] == 0xD8) & (head[2] == 0xFF) & (tail[-2] == 0xFF) & (tail[-1] == 0xD9)
-    is_png = ((head[0] == 0x89) & (head[1] == 0x50) & (head[2] == 0x4E) & (head[3] == 0x47)
-              & (tail[-8] == 0x49) & (tail[-7] == 0x45) & (tail[-6] == 0x4E) & (tail[-5] == 0x44))
-    valid = is_jpeg | is_png
+    valid = _is_complete_image(raw)
     if valid:
         encoded = raw
     else:
