@@ -7,6 +7,7 @@ one under torchrun with two ranks, prove the same end to end."""
 import dataclasses
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -523,3 +524,24 @@ def test_step_time_estimate_times_the_runs_own_dtype():
     for params_dtype, name in (("fp32", "float32 matmul"), ("bf16", "bfloat16 matmul")):
         rate, device = measured_matmul_flops(0.01, params_dtype=params_dtype)
         assert rate > 0 and name in device, device
+
+
+# --------------------------------------------------------------------------- every command's --help
+
+def _console_scripts() -> dict:
+    """The aim-* commands as setup.py installs them: {name: "module:function"}."""
+    text = (ROOT / "setup.py").read_text()
+    return dict(re.findall(r'"(aim-[a-z-]+)=([\w.]+:\w+)"', text))
+
+
+@pytest.mark.parametrize("name", sorted(_console_scripts()) + ["baselines", "findings"])
+def test_every_command_prints_its_help(name, capsys):
+    """argparse formats help strings with %: a stray % in one (e.g. "45% of") crashes --help."""
+    target = {"baselines": "aim_megatron.evaluation.baselines:main",
+              "findings": "aim_megatron.evaluation.findings:main"}.get(name) or _console_scripts()[name]
+    module, function = target.split(":")
+    main = getattr(importlib.import_module(module), function)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith("usage:"), out[:500]

@@ -109,7 +109,7 @@ def test_layout_dry_run_interleaved_text():
 ])
 def test_layout_dry_run_rejects_with_fix(args, message):
     r = layout(*args)
-    assert r.returncode == 2 and r.stdout == ""
+    assert r.returncode == 1 and r.stdout == ""
     assert message in r.stderr and r.stderr.startswith("error: layout does not work")
 
 
@@ -266,7 +266,7 @@ def test_sbatch_scripts_request_no_gpus():
 def test_sbatch_preflight_stops_a_bad_layout(fake_slurm):
     env, log = fake_slurm
     r = run_sbatch("multi_node_srun.sbatch", {**env, "SLURM_JOB_NUM_NODES": "3"}, "exit0")
-    assert r.returncode == 2
+    assert r.returncode == 1
     assert "global_batch_size=4096 is not divisible" in r.stderr
     assert "trainer" not in log.read_text()   # preflight ran through srun, the trainer never started
 
@@ -275,7 +275,7 @@ def test_sbatch_usage_error(fake_slurm):
     env, _ = fake_slurm
     r = subprocess.run(["bash", str(SLURM_DIR / "single_node.sbatch"), "missing.yaml"], env=env,
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and "usage: sbatch" in r.stderr
+    assert r.returncode == 1 and "usage: sbatch" in r.stderr
 
 
 def test_sweep_finish_fits_once_when_every_run_is_complete(tmp_path):

@@ -7,7 +7,7 @@
 
 --preset uses the H100 recipe in examples/slurm/configs/ (bf16, distributed optimizer, batch 4096)
 when there is one. Not counted: CUDA context, NCCL/TE workspaces, fragmentation (--reserve-gib).
-Exit codes: 0 ok, 1 does not fit (with --check), 2 bad input.
+Exit codes: 0 ok, 1 bad input or, with --check, a peak that does not fit.
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
                               args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     return 0 if fits or not args.check else 1
 
 

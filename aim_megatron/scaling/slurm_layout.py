@@ -6,7 +6,7 @@
     python tools/slurm_layout.py --preset aim-7B --nodes 512 --recommend
 
 Checks config.validate() for the world size nodes x gpus-per-node, that TP groups stay inside a
-node, and megatron-core's interleaved-schedule rule; exits 2 with a message naming the fix when
+node, and megatron-core's interleaved-schedule rule; exits 1 with a message naming the fix when
 the layout does not divide. --recommend prints the layout tools/estimate_memory.py --table picks.
 Also prints how often a job of this size fails and the checkpoint interval that minimises the time
 lost (scaling/checkpoint_interval.py), for a step time given by --step-seconds (else estimated
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
                     help="measured seconds per step, for the checkpoint interval (default: estimated)")
     ap.add_argument("--tflops-per-gpu", type=float, default=DEFAULT_TFLOPS_PER_GPU,
                     help=f"peak TFLOP/s per GPU for the estimated step time (default "
-                         f"{DEFAULT_TFLOPS_PER_GPU:g}, H100 bf16; {DEFAULT_MFU:.0%} of it assumed)")
+                         f"{DEFAULT_TFLOPS_PER_GPU:g}, H100 bf16; {DEFAULT_MFU * 100:.0f}%% of it assumed)")
     args = ap.parse_args(argv)
     cfg = None
     try:
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
         if fix and "global_batch_size" in str(exc):
             msg += f"; for this global batch the largest micro-batch that divides is {fix}"
         print(msg, file=sys.stderr)
-        return 2
+        return 1
     failures = {"job_mtbf_hours": plan.mtbf_s / 3600, "save_stall_s": plan.stall_s,
                 "step_seconds": plan.step_s, "optimal_save_interval_s": plan.optimal_s,
                 "optimal_save_interval_steps": plan.optimal_steps,

@@ -56,7 +56,7 @@ aim_setup() {
   if [ "$#" -lt 1 ] || [ ! -f "$1" ]; then
     echo "usage: sbatch [--nodes=N] <script>.sbatch CONFIG.yaml [section.key=value ...]" >&2
     echo "  (config '${1:-}' not found; paths are relative to AIM_REPO=${AIM_REPO:-?})" >&2
-    exit 2
+    exit 1
   fi
   AIM_CONFIG="$1"
   shift
