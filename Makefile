@@ -6,7 +6,7 @@ PYTHON ?= python3
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
-# The whole test suite on CPU (gloo), incl. a real local Slurm cluster: ~29 minutes on an idle 2-core machine.
+# The whole test suite on CPU (gloo), incl. a real local Slurm cluster: ~25 minutes on an idle 2-core machine.
 test: setup
 	$(PYTHON) -m pytest -q --durations=15
 
