@@ -57,7 +57,8 @@ FORMAT_VERSION = 1
 DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
 
 
-def _optimizer_metadata(fmt: str) -> dict:
+def optimizer_metadata(fmt: str) -> dict:
+    """What megatron-core's distributed optimizer is told about the format it saves or loads."""
     return {"distrib_optim_sharding_type": fmt}
 
 
@@ -313,7 +314,7 @@ def start_save(root: Path, step: int, cfg: Config, model: list, optimizer, sched
     state = model_sharded_state_dict(model)
     optimizer_format = cfg.train.optimizer_checkpoint_format
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
-                                                      metadata=_optimizer_metadata(optimizer_format))
+                                                      metadata=optimizer_metadata(optimizer_format))
     total = torch.tensor([_sharded_bytes(state)], dtype=torch.float64, device=cpu_shims.device())
     dist.all_reduce(total)  # on the device: NCCL reduces no CPU tensors
     # Tensors plus ~5% for common.pt (RNG, data positions, schedule) and the metadata files.
@@ -476,7 +477,7 @@ def load(path: Path, cfg: Config, model: list, optimizer=None, scheduler=None) -
     state = model_sharded_state_dict(model)
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
-                                                          metadata=_optimizer_metadata(optimizer_format))
+                                                          metadata=optimizer_metadata(optimizer_format))
     pickled_files.check(path, CheckpointDamaged)  # megatron-core unpickles .metadata with plain pickle
     try:
         # RETURN_UNEXPECTED: entries this model asks for that the checkpoint lacks come back

@@ -30,10 +30,6 @@ import torch.distributed as dist
 from aim_megatron.config import Config
 from aim_megatron.scaling.sizing import GIB
 
-# The checkpointer's default format for the distributed optimizer (train.optimizer_checkpoint_format).
-OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
 class CheckFailed(RuntimeError):
     """A simulated check that does not hold; the message names the check."""
 
@@ -179,11 +175,14 @@ def _optimizer_bytes(optimizer) -> int:
     return total
 
 
-def _optimizer_sharded_state_dict(optimizer, model_state: dict) -> dict:
-    """The optimizer's entries in the checkpoint, as checkpointer.save builds them. The save path
+def _optimizer_sharded_state_dict(optimizer, model_state: dict, fmt: str) -> dict:
+    """The optimizer's entries in the checkpoint in format ``fmt`` (train.optimizer_checkpoint_format),
+    as checkpointer.save builds them. The save path
     copies the state out to CPU; its metadata equals the load path's, which allocates buffers
     only, made here on the meta device."""
     import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
+
+    from aim_megatron.checkpoint.checkpointer import optimizer_metadata
 
     real_zeros = torch.zeros
 
@@ -197,7 +196,7 @@ def _optimizer_sharded_state_dict(optimizer, model_state: dict) -> dict:
                 opt._init_optimizer_states_with_dummy_values()
     with mock.patch.object(distrib_optimizer.torch, "zeros", meta_zeros):
         return optimizer.sharded_state_dict(model_state, is_loading=True,
-                                            metadata=dict(OPTIMIZER_CKPT_METADATA))
+                                            metadata=optimizer_metadata(fmt))
 
 
 def _local_save_plan(state: dict):
@@ -228,7 +227,8 @@ def build_rank(cfg: Config, world: int, rank: int, save_plan: bool = False) -> R
             model = parallel.build_model(cfg)
             optimizer = parallel.build_optimizer(cfg, model)
         state = model_sharded_state_dict(model)
-        state["optimizer"] = _optimizer_sharded_state_dict(optimizer, state)
+        state["optimizer"] = _optimizer_sharded_state_dict(optimizer, state,
+                                                           cfg.train.optimizer_checkpoint_format)
         build_s = time.perf_counter() - start
         shards = [s.without_data() for s in nested_values(state) if isinstance(s, ShardedBase)]
         names = _param_names(model)
