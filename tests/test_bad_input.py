@@ -4,7 +4,6 @@ and the fix, exit code 1, no traceback, and nothing written or changed on disk (
 Most cases call the entry points' main() in this process (the checks run before any process
 group or model exists, so that is what a user's process does too); a few real subprocesses,
 one under torchrun with two ranks, prove the same end to end."""
-import dataclasses
 import importlib
 import os
 import re
@@ -528,18 +527,21 @@ def test_step_time_estimate_times_the_runs_own_dtype():
 
 # --------------------------------------------------------------------------- every command's --help
 
-def _console_scripts() -> dict:
-    """The aim-* commands as setup.py installs them: {name: "module:function"}."""
-    text = (ROOT / "setup.py").read_text()
-    return dict(re.findall(r'"(aim-[a-z-]+)=([\w.]+:\w+)"', text))
+def _commands() -> dict:
+    """{name: "module:function"}: the aim-* commands as setup.py installs them, and the two run as
+    python -m."""
+    installed = dict(re.findall(r'"(aim-[a-z-]+)=([\w.]+:\w+)"', (ROOT / "setup.py").read_text()))
+    return {**installed, "baselines": "aim_megatron.evaluation.baselines:main",
+            "findings": "aim_megatron.evaluation.findings:main"}
 
 
-@pytest.mark.parametrize("name", sorted(_console_scripts()) + ["baselines", "findings"])
+COMMANDS = _commands()
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_prints_its_help(name, capsys):
     """argparse formats help strings with %: a stray % in one (e.g. "45% of") crashes --help."""
-    target = {"baselines": "aim_megatron.evaluation.baselines:main",
-              "findings": "aim_megatron.evaluation.findings:main"}.get(name) or _console_scripts()[name]
-    module, function = target.split(":")
+    module, function = COMMANDS[name].split(":")
     main = getattr(importlib.import_module(module), function)
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
